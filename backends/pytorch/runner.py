@@ -1,0 +1,122 @@
+"""PyTorch runner: pre-allocated per-slot KV cache, logits for the last position only."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from mini_engine.devices import cuda_unavailable_reason, module_installed, package_version
+from mini_engine.errors import BackendUnavailable, ConfigError
+from mini_engine.runner import Availability, Runner, StepInput
+
+
+@dataclass
+class TorchOptions:
+    threads: int = 0  # intra-op threads; 0 = PyTorch's default (one per core)
+    # How fp32 Linear layers run on CPU: "onednn" prepacks weights for oneDNN,
+    # which streams weights faster than MKL's GEMV on this class of CPU;
+    # "aten" is plain torch.nn.functional.linear. "auto" picks onednn on CPU.
+    linear: str = "auto"
+
+    def __post_init__(self):
+        if self.threads < 0:
+            raise ConfigError("backend.options.threads must be >= 0")
+        if self.linear not in ("auto", "aten", "onednn"):
+            raise ConfigError(f"backend.options.linear must be auto, aten or onednn, got '{self.linear}'")
+
+
+class TorchRunner(Runner):
+    name = "torch"
+    supported_devices = ("cpu", "cuda")
+    Options = TorchOptions
+
+    @classmethod
+    def availability(cls) -> Availability:
+        version = package_version("torch")
+        if not module_installed("torch"):
+            return Availability(False, "PyTorch is not installed (pip install torch)", (), None)
+        devices = ("cpu",) if cuda_unavailable_reason() else ("cpu", "cuda")
+        return Availability(True, None, devices, version)
+
+    # ----- lifecycle -------------------------------------------------------
+    def _load_impl(self) -> None:
+        import torch
+
+        from mini_engine.model.weights import build_model, torch_dtype
+
+        self.torch = torch
+        device = self.config.device
+        if device.startswith("cuda"):
+            if not torch.cuda.is_available():
+                raise BackendUnavailable(
+                    f"device '{device}' requested but PyTorch sees no CUDA device "
+                    f"(torch {torch.__version__}; is this a CPU build?)")
+        elif self.config.dtype == "float16":
+            raise ConfigError("float16 on CPU is not supported by the torch backend; use float32 or bfloat16")
+        if self.options.threads:
+            torch.set_num_threads(self.options.threads)
+        self.dtype = torch_dtype(self.config.dtype)
+        self.model = build_model(self.config.model, self.config.dtype, device)
+        if device == "cpu" and self.config.dtype == "float32" and self.options.linear in ("auto", "onednn"):
+            from .onednn import prepack_linears
+
+            prepack_linears(self.model)
+        self.keys: list = []
+        self.values: list = []
+
+    def _close_impl(self) -> None:
+        self.model = None
+
+    # ----- KV cache ----------------------------------------------------------
+    def _allocate_kv_impl(self, num_slots: int, max_seq_len: int) -> None:
+        cfg = self.config.model.config
+        shape = (num_slots, cfg.n_head, max_seq_len, cfg.head_dim)
+        if self.keys and tuple(self.keys[0].shape) == shape:
+            pass  # same geometry as the last batch: reuse the buffers
+        else:
+            empty = self.torch.empty
+            self.keys = [empty(shape, dtype=self.dtype, device=self.config.device) for _ in range(cfg.n_layer)]
+            self.values = [empty(shape, dtype=self.dtype, device=self.config.device) for _ in range(cfg.n_layer)]
+        # Row r of every buffer holds slot layout[r]; steps run on the first n rows.
+        self.layout = list(range(num_slots))
+
+    def _free_kv_impl(self) -> None:
+        # Buffers stay for reuse by a batch of the same geometry; close() drops them.
+        self.layout = []
+
+    # ----- execution -----------------------------------------------------------
+    def _execute_impl(self, step: StepInput) -> np.ndarray:
+        torch = self.torch
+        from mini_engine.model.gpt2 import BufferKV
+
+        n = self._bring_to_front(step.slot_ids)
+        dev = self.config.device
+        ids = torch.from_numpy(step.input_ids).to(dev)
+        pos = torch.from_numpy(step.position_ids).to(dev)
+        mask = torch.from_numpy(step.attention_mask).to(dev)
+        kv = BufferKV([k[:n] for k in self.keys], [v[:n] for v in self.values], step.past_len)
+        with torch.inference_mode():
+            logits = self.model.step(ids, pos, mask, kv, last_only=step.logits == "last")
+        return logits.cpu().numpy()
+
+    def _bring_to_front(self, slot_ids: Sequence[int]) -> int:
+        """Make rows 0..n-1 hold `slot_ids` in order; copies only when the set changes."""
+        n = len(slot_ids)
+        wanted = list(slot_ids)
+        if self.layout[:n] == wanted:
+            return n
+        chosen = set(wanted)
+        new_layout = wanted + [s for s in self.layout if s not in chosen]
+        perm = self.torch.tensor([self.layout.index(s) for s in new_layout], device=self.config.device)
+        for buf in self.keys + self.values:
+            buf.copy_(buf.index_select(0, perm))
+        self.layout = new_layout
+        return n
+
+    def describe(self) -> dict:
+        info = super().describe()
+        if self.is_loaded:
+            info["threads"] = self.torch.get_num_threads()
+            info["torch"] = self.torch.__version__
+        return info

@@ -1,0 +1,1 @@
+"""Export pipeline (installed as `mini_engine_export`): ONNX and TensorRT."""

@@ -1,0 +1,26 @@
+"""mini-engine: GPT-2-family inference on PyTorch, ONNX Runtime and TensorRT behind one interface.
+
+Importing this package imports no deep-learning library; backends load theirs
+when a runner is loaded.
+"""
+from .config import Config, load_config
+from .errors import MiniEngineError
+from .registry import list_backends
+from .runner import Availability, Runner, RunnerConfig, StepInput
+from .sampling import SamplingParams
+from .sequence import Completion
+
+__version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # Engine pulls in the tokenizer (transformers); import it on first use.
+    if name == "Engine":
+        from .engine import Engine
+
+        return Engine
+    raise AttributeError(f"module 'mini_engine' has no attribute {name!r}")
+
+
+__all__ = ["Engine", "Runner", "RunnerConfig", "StepInput", "Availability", "Config", "load_config",
+           "list_backends", "SamplingParams", "Completion", "MiniEngineError", "__version__"]

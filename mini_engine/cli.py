@@ -1,0 +1,126 @@
+"""The `mini-engine` command line."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+
+import click
+
+from .errors import MiniEngineError
+
+
+class _Group(click.Group):
+    """Turns user errors into one line on stderr and a non-zero exit, never a traceback."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise
+        except MiniEngineError as e:
+            raise click.ClickException(str(e)) from None
+        except KeyboardInterrupt:
+            raise click.Abort() from None
+        except Exception as e:
+            if os.environ.get("MINI_ENGINE_DEBUG"):
+                traceback.print_exc()
+            raise click.ClickException(
+                f"internal error: {type(e).__name__}: {e} (set MINI_ENGINE_DEBUG=1 for the traceback)"
+            ) from None
+
+
+def config_options(f):
+    """--config/--set/--model/--backend/--device/--dtype, shared by every command that builds an engine."""
+    f = click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None,
+                     help="Weight/compute dtype (model.dtype).")(f)
+    f = click.option("--device", default=None, help="cpu or cuda[:N] (backend.device).")(f)
+    f = click.option("--backend", "-b", default=None, help="Backend name (backend.name); see `mini-engine backends`.")(f)
+    f = click.option("--model", "-m", default=None,
+                     help="random:gpt2|random:gpt2-medium|...|random:tiny, a checkpoint directory, or a cached hub id.")(f)
+    f = click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
+                     help="Override a config key (repeatable), e.g. --set backend.options.threads=2.")(f)
+    f = click.option("--config", "-c", "config_path", type=click.Path(dir_okay=False), default=None,
+                     help="TOML config file (see configs/).")(f)
+    return f
+
+
+def build_config(config_path, overrides, model, backend, device, dtype):
+    from .config import load_config
+
+    return load_config(config_path, overrides, **{"model.source": model, "backend.name": backend,
+                                                  "backend.device": device, "model.dtype": dtype})
+
+
+def note_random(source_spec: str) -> None:
+    if source_spec.startswith("random:"):
+        click.echo(f"note: {source_spec} has seeded random weights: timings are real, the text is meaningless",
+                   err=True)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="mini-engine")
+def cli():
+    """Run GPT-2-family models on PyTorch, ONNX Runtime and TensorRT, and compare them."""
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def backends(as_json):
+    """List installed backends and whether they can run here."""
+    from .registry import list_backends
+
+    infos = list_backends()
+    if as_json:
+        click.echo(json.dumps([i.to_dict() for i in infos], indent=2))
+        return
+    rows = [("name", "available", "devices", "version", "entry point / reason")]
+    for i in infos:
+        rows.append((i.name, "yes" if i.available else "no", ",".join(i.devices) or "-", i.version or "-",
+                     i.entry_point if i.available else f"{i.entry_point}: {i.reason}"))
+    widths = [max(len(r[c]) for r in rows) for c in range(4)]
+    for r in rows:
+        click.echo("  ".join(r[c].ljust(widths[c]) for c in range(4)) + "  " + r[4])
+
+
+@cli.command()
+@config_options
+@click.option("--max-new-tokens", "-n", type=click.IntRange(min=1), default=None)
+@click.option("--temperature", "-t", type=click.FloatRange(min=0), default=None, help="0 = greedy.")
+@click.option("--top-k", type=click.IntRange(min=0), default=None)
+@click.option("--top-p", type=click.FloatRange(min=0, max=1, min_open=True), default=None)
+@click.option("--seed", type=int, default=None)
+@click.option("--stop", multiple=True, help="Stop string (repeatable).")
+@click.option("--truncate", is_flag=True, default=None, help="Keep the end of prompts longer than the context window.")
+@click.option("--ignore-eos", is_flag=True, default=None, help="Keep generating past <|endoftext|>.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per prompt.")
+@click.argument("prompts", nargs=-1, required=True)
+def generate(config_path, overrides, model, backend, device, dtype, max_new_tokens, temperature, top_k,
+             top_p, seed, stop, truncate, ignore_eos, as_json, prompts):
+    """Generate text for each PROMPT."""
+    from .engine import Engine
+
+    cfg = build_config(config_path, overrides, model, backend, device, dtype)
+    note_random(cfg.model.source)
+    with Engine(config=cfg) as engine:
+        params = engine.sampling_params(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                                        top_p=top_p, seed=seed, stop=list(stop) or None,
+                                        truncate=truncate, ignore_eos=ignore_eos)
+        completions = engine.generate(list(prompts), params)
+    target = f"{cfg.backend.name}:{cfg.backend.device}"
+    for c in completions:
+        if as_json:
+            click.echo(json.dumps(c.to_dict() | {"backend": cfg.backend.name, "device": cfg.backend.device}))
+        else:
+            click.echo(c.prompt + c.text)
+            click.echo(f"[{target}] {len(c.token_ids)} tokens, finish={c.finish_reason}, "
+                       f"TTFT {c.ttft_ms:.0f} ms, {c.tokens_per_s:.1f} tokens/s", err=True)
+
+
+def main() -> None:
+    cli(prog_name="mini-engine")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,188 @@
+"""The engine: config -> runner, then per batch schedule -> run -> postprocess."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Mapping, Sequence as Seq
+
+import numpy as np
+
+from .config import Config, load_config
+from .errors import ConfigError, PromptTooLong
+from .model.source import resolve_model
+from .registry import get_backend
+from .runner import Runner, RunnerConfig, StepInput
+from .sampling import Sampler, SamplingParams
+from .sequence import Completion, Sequence
+from .tokenizer import Tokenizer, load_tokenizer
+
+
+class Engine:
+    """Generation over any registered backend.
+
+    Engine(model="random:gpt2", backend="torch", device="cpu") or
+    Engine.from_config("configs/cpu.toml", **{"backend.name": "onnxruntime"}).
+    """
+
+    def __init__(self, model: str | None = None, backend: str | None = None, device: str | None = None,
+                 dtype: str | None = None, config: Config | None = None, **backend_options: Any):
+        cfg = config or Config()
+        overrides = {"model.source": model, "model.dtype": dtype, "backend.name": backend,
+                     "backend.device": device}
+        overrides.update({f"backend.options.{k}": v for k, v in backend_options.items()})
+        self.config = load_config(cfg.to_dict(), **overrides)
+        self.source = resolve_model(self.config.model.source)
+        runner_cls = get_backend(self.config.backend.name)
+        self.runner: Runner = runner_cls(RunnerConfig(
+            model=self.source, device=self.config.backend.device, dtype=self.config.model.dtype,
+            options=self.config.backend.options))
+        self.tokenizer: Tokenizer = load_tokenizer(self.source)
+        self.runner.load()
+
+    @classmethod
+    def from_config(cls, path_or_dict: str | Path | Mapping[str, Any] | None = None,
+                    overrides: Seq[str] = (), **sections: Any) -> "Engine":
+        """`sections` are dotted keys (`**{"backend.name": "torch"}`) or model/backend/device/dtype."""
+        short = {k: sections.pop(k) for k in ("model", "backend", "device", "dtype") if k in sections}
+        cfg = load_config(path_or_dict, overrides, **sections)
+        return cls(config=cfg, **short)
+
+    # ----- lifecycle -----------------------------------------------------------
+    def close(self) -> None:
+        self.runner.close()
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def max_positions(self) -> int:
+        return self.source.config.n_positions
+
+    # ----- public API ----------------------------------------------------------
+    def sampling_params(self, **overrides: Any) -> SamplingParams:
+        """The config's generation defaults with `overrides` (None values ignored)."""
+        base = self.config.generation.__dict__ | {k: v for k, v in overrides.items() if v is not None}
+        return load_config({"generation": base}).generation
+
+    def generate(self, prompts: str | Seq[str], params: SamplingParams | None = None,
+                 **sampling: Any) -> list[Completion]:
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if params is None:
+            params = self.sampling_params(**sampling)
+        elif sampling:
+            raise ConfigError("pass either params or sampling keywords, not both")
+        encoded = [self.encode_prompt(p, params) for p in prompts]
+        out: list[Completion] = []
+        step = self.config.batching.max_batch_size
+        for start in range(0, len(prompts), step):
+            chunk = list(range(start, min(start + step, len(prompts))))
+            seqs = [Sequence(i, prompts[i], encoded[i]) for i in chunk]
+            out.extend(self.generate_batch(seqs, params))
+        return out
+
+    def encode_prompt(self, prompt: str, params: SamplingParams) -> list[int]:
+        if not isinstance(prompt, str):
+            raise ConfigError(f"a prompt must be a string, got {type(prompt).__name__}")
+        ids = self.tokenizer.encode(prompt) or [self.tokenizer.eos_token_id]
+        limit = self.max_positions - 1  # leave room for at least one new token
+        if len(ids) > limit:
+            if not params.truncate:
+                raise PromptTooLong(
+                    f"prompt has {len(ids)} tokens but the model's context window is "
+                    f"{self.max_positions}; shorten it or enable truncation (--truncate)")
+            ids = ids[-limit:]
+        return ids
+
+    # ----- one batch: schedule -> run -> postprocess ---------------------------
+    def generate_batch(self, seqs: list[Sequence], params: SamplingParams) -> list[Completion]:
+        t0 = time.perf_counter()
+        prompt_len = max(len(s.prompt_ids) for s in seqs)
+        max_len = min(prompt_len + params.max_new_tokens, self.max_positions)
+        seeds = [None if params.seed is None else params.seed + s.index for s in seqs]
+        sampler = Sampler(params, seeds)
+        eos = None if params.ignore_eos else self.tokenizer.eos_token_id
+        self.runner.allocate_kv(len(seqs), max_len)
+        try:
+            step = prefill_step(seqs, prompt_len)
+            mask = step.attention_mask
+            active = list(range(len(seqs)))
+            while True:
+                logits = self.runner.execute(step)
+                tokens = sampler(logits, active)
+                now = time.perf_counter()
+                # Rows share the padded prompt length, so the context window
+                # leaves every row the same budget of new tokens.
+                active = self._postprocess(seqs, active, tokens, params, eos, max_len - prompt_len, now)
+                if not active:
+                    break
+                step, mask = decode_step(seqs, active, mask, prompt_len)
+        finally:
+            self.runner.free_kv()
+        return [self._completion(s, t0) for s in seqs]
+
+    def _postprocess(self, seqs, active, tokens, params, eos, budget, now) -> list[int]:
+        """Record each row's new token; return the rows that go on."""
+        still = []
+        for row, token in zip(active, tokens.tolist()):
+            seq = seqs[row]
+            if not seq.output_ids:
+                seq.first_token_s = now
+            seq.output_ids.append(token)
+            if token == eos:
+                seq.finish_reason = "stop"
+            elif params.stop and self._hit_stop(seq, params.stop):
+                seq.finish_reason = "stop"
+            elif len(seq.output_ids) >= budget:
+                seq.finish_reason = "length"
+            if seq.finished:
+                seq.finish_s = now
+            else:
+                still.append(row)
+        return still
+
+    def _hit_stop(self, seq: Sequence, stops: list[str]) -> bool:
+        text = self.tokenizer.decode(seq.output_ids)
+        cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
+        if cut < 0:
+            return False
+        seq.text = text[:cut]
+        return True
+
+    def _completion(self, seq: Sequence, t0: float) -> Completion:
+        ids = seq.output_ids
+        text = seq.text
+        if text is None:
+            shown = ids[:-1] if ids and ids[-1] == self.tokenizer.eos_token_id else ids
+            text = self.tokenizer.decode(shown)
+        return Completion(prompt=seq.prompt, text=text, token_ids=list(ids),
+                          prompt_token_ids=list(seq.prompt_ids), finish_reason=seq.finish_reason,
+                          ttft_ms=(seq.first_token_s - t0) * 1e3, total_ms=(seq.finish_s - t0) * 1e3)
+
+
+def prefill_step(seqs: list[Sequence], prompt_len: int) -> StepInput:
+    """Left-pad the prompts to `prompt_len`; positions count real tokens only."""
+    b = len(seqs)
+    ids = np.zeros((b, prompt_len), dtype=np.int64)
+    mask = np.zeros((b, prompt_len), dtype=np.int64)
+    for i, s in enumerate(seqs):
+        n = len(s.prompt_ids)
+        ids[i, prompt_len - n:] = s.prompt_ids
+        mask[i, prompt_len - n:] = 1
+    # GPT-2 has learned absolute positions: a padded row must see 0..n-1 exactly
+    # as the same prompt alone would.
+    pos = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
+    return StepInput(ids, pos, mask, slot_ids=list(range(b)), past_len=0)
+
+
+def decode_step(seqs: list[Sequence], active: list[int], full_mask: np.ndarray,
+                prompt_len: int) -> tuple[StepInput, np.ndarray]:
+    """One new token for each active row; `full_mask` covers every row of the batch."""
+    past = full_mask.shape[1]
+    full_mask = np.concatenate([full_mask, np.ones((full_mask.shape[0], 1), dtype=np.int64)], axis=1)
+    ids = np.array([[seqs[r].output_ids[-1]] for r in active], dtype=np.int64)
+    pos = np.array([[len(seqs[r].prompt_ids) + len(seqs[r].output_ids) - 1] for r in active], dtype=np.int64)
+    return StepInput(ids, pos, full_mask[active], slot_ids=active, past_len=past), full_mask

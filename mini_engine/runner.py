@@ -1,0 +1,237 @@
+"""The contract between the engine and a backend.
+
+The engine owns scheduling, sampling and request bookkeeping; a runner owns
+device memory (weights and KV cache) and executes model steps. Every step
+names its inputs explicitly (token ids, position ids, attention mask, and the
+KV-cache slots each row reads and appends to), so batching policy lives in the
+engine and a runner never has to guess which sequence a row belongs to.
+
+Seams for later work: a paged KV cache adds block tables to `StepInput`
+(slots stay the unit of ownership); CUDA graphs and tensor parallelism are
+private to a runner's `_execute_impl`.
+"""
+from __future__ import annotations
+
+import abc
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Sequence
+
+import numpy as np
+
+from .errors import BackendUnavailable, ConfigError, MiniEngineError
+from .model.source import ModelSource
+
+
+@dataclass(frozen=True)
+class Availability:
+    """Whether a backend can run here, and if not, why (a sentence a user can act on)."""
+
+    available: bool
+    reason: str | None = None
+    devices: tuple[str, ...] = ()
+    version: str | None = None
+
+
+@dataclass
+class RunnerConfig:
+    model: ModelSource
+    device: str = "cpu"
+    dtype: str = "float32"
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class StepInput:
+    """One model step for a batch of rows.
+
+    input_ids, position_ids: int64 [B, T]. attention_mask: int64 [B, past_len + T],
+    1 for real tokens (left padding is 0). slot_ids: [B] KV-cache slots; row i
+    attends over slot_ids[i]'s first past_len cached positions and appends T more.
+    logits: "last" returns [B, V] for the final position, "all" returns [B, T, V].
+    """
+
+    input_ids: np.ndarray
+    position_ids: np.ndarray
+    attention_mask: np.ndarray
+    slot_ids: Sequence[int]
+    past_len: int
+    logits: str = "last"
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @property
+    def seq_len(self) -> int:
+        return int(self.input_ids.shape[1])
+
+
+class Runner(abc.ABC):
+    """Base class of every backend. Public methods validate; `_impl` methods work.
+
+    Lifecycle: construct (cheap, validates options) -> load() (weights onto the
+    device) -> allocate_kv() -> execute()* -> close(). Usable as a context manager.
+    """
+
+    #: Registry name (the entry-point name in `mini_engine.backends`).
+    name: ClassVar[str] = "?"
+    #: Devices the backend can target when its libraries are present.
+    supported_devices: ClassVar[tuple[str, ...]] = ("cpu",)
+    #: Dataclass describing the backend's `[backend.options]` keys, or None.
+    Options: ClassVar[type | None] = None
+
+    def __init__(self, config: RunnerConfig):
+        if config.device.split(":")[0] not in self.supported_devices:
+            raise ConfigError(
+                f"backend '{self.name}' does not support device '{config.device}' "
+                f"(supported: {', '.join(self.supported_devices)})"
+            )
+        self.config = config
+        self.options = self.parse_options(config.options)
+        self._loaded = False
+        self._num_slots = 0
+        self._max_seq_len = 0
+
+    # ----- discovery -------------------------------------------------------
+    @classmethod
+    def availability(cls) -> Availability:
+        """Say whether this backend can run here without importing heavy libraries."""
+        return Availability(True, devices=cls.supported_devices)
+
+    @classmethod
+    def parse_options(cls, raw: dict[str, Any]) -> Any:
+        from .config import build_dataclass
+
+        if cls.Options is None:
+            if raw:
+                raise ConfigError(f"backend '{cls.name}' takes no options (got: {', '.join(raw)})")
+            return None
+        return build_dataclass(cls.Options, raw, "backend.options")
+
+    # ----- lifecycle -------------------------------------------------------
+    def load(self) -> "Runner":
+        if self._loaded:
+            return self
+        avail = self.availability()
+        if not avail.available:
+            raise BackendUnavailable(f"backend '{self.name}' is unavailable: {avail.reason}")
+        self._load_impl()
+        self._loaded = True
+        return self
+
+    def close(self) -> None:
+        if self._loaded:
+            self.free_kv()
+            self._close_impl()
+            self._loaded = False
+
+    def __enter__(self) -> "Runner":
+        return self.load()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def is_loaded(self) -> bool:
+        return self._loaded
+
+    # ----- KV cache --------------------------------------------------------
+    def allocate_kv(self, num_slots: int, max_seq_len: int) -> None:
+        """Reserve KV cache for `num_slots` sequences of up to `max_seq_len` tokens."""
+        self._require_loaded()
+        limit = self.config.model.config.n_positions
+        if num_slots < 1:
+            raise MiniEngineError(f"num_slots must be >= 1, got {num_slots}")
+        if not 1 <= max_seq_len <= limit:
+            raise MiniEngineError(f"max_seq_len must be in 1..{limit}, got {max_seq_len}")
+        self._allocate_kv_impl(num_slots, max_seq_len)
+        self._num_slots, self._max_seq_len = num_slots, max_seq_len
+
+    def free_kv(self) -> None:
+        if self._num_slots:
+            self._free_kv_impl()
+        self._num_slots = self._max_seq_len = 0
+
+    # ----- execution -------------------------------------------------------
+    def execute(self, step: StepInput) -> np.ndarray:
+        """Run one step; returns float32 logits ([B, V] or [B, T, V])."""
+        self._require_loaded()
+        self._validate_step(step)
+        return self._execute_impl(step)
+
+    def _validate_step(self, step: StepInput) -> None:
+        b, t = step.input_ids.shape
+        if t < 1 or b < 1:
+            raise MiniEngineError("a step needs at least one row and one token")
+        if step.position_ids.shape != (b, t):
+            raise MiniEngineError(f"position_ids shape {step.position_ids.shape} != {(b, t)}")
+        if step.attention_mask.shape != (b, step.past_len + t):
+            raise MiniEngineError(
+                f"attention_mask shape {step.attention_mask.shape} != {(b, step.past_len + t)}"
+            )
+        if len(step.slot_ids) != b:
+            raise MiniEngineError(f"{len(step.slot_ids)} slot ids for {b} rows")
+        if not self._num_slots:
+            raise MiniEngineError("allocate_kv() must be called before execute()")
+        if step.past_len + t > self._max_seq_len:
+            raise MiniEngineError(
+                f"step needs {step.past_len + t} KV positions; {self._max_seq_len} allocated"
+            )
+        if len(set(step.slot_ids)) != b or min(step.slot_ids) < 0 or max(step.slot_ids) >= self._num_slots:
+            raise MiniEngineError(f"slot ids must be distinct and in 0..{self._num_slots - 1}")
+        if step.logits not in ("last", "all"):
+            raise MiniEngineError(f"logits must be 'last' or 'all', got {step.logits!r}")
+
+    def _require_loaded(self) -> None:
+        if not self._loaded:
+            raise MiniEngineError(f"runner '{self.name}' is not loaded; call load() first")
+
+    # ----- facts the engine and benchmarks read ------------------------------
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of weights one decode step reads (for bandwidth-achieved figures)."""
+        return self.config.model.config.weight_bytes(self.config.dtype)
+
+    def describe(self) -> dict[str, Any]:
+        """Backend-specific facts worth recording next to a benchmark (threads, providers...)."""
+        info = {"backend": self.name, "device": self.config.device, "dtype": self.config.dtype}
+        if self.options is not None:
+            info["options"] = dataclasses.asdict(self.options)
+        return info
+
+    # ----- what a backend implements ----------------------------------------
+    @abc.abstractmethod
+    def _load_impl(self) -> None: ...
+
+    def _close_impl(self) -> None:
+        pass
+
+    @abc.abstractmethod
+    def _allocate_kv_impl(self, num_slots: int, max_seq_len: int) -> None: ...
+
+    def _free_kv_impl(self) -> None:
+        pass
+
+    @abc.abstractmethod
+    def _execute_impl(self, step: StepInput) -> np.ndarray: ...
+
+
+class NotImplementedRunner(Runner):
+    """Placeholder for a registered backend name whose implementation has not landed."""
+
+    planned_in = "a later release"
+
+    @classmethod
+    def availability(cls) -> Availability:
+        return Availability(False, reason=f"not implemented yet (planned: {cls.planned_in})",
+                            devices=cls.supported_devices)
+
+    def _load_impl(self) -> None:  # pragma: no cover - load() refuses first
+        raise BackendUnavailable(self.availability().reason)
+
+    def _allocate_kv_impl(self, num_slots: int, max_seq_len: int) -> None:  # pragma: no cover
+        raise BackendUnavailable(self.availability().reason)
+
+    def _execute_impl(self, step: StepInput) -> np.ndarray:  # pragma: no cover
+        raise BackendUnavailable(self.availability().reason)

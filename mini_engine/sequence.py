@@ -1,0 +1,51 @@
+"""Per-request state during generation, and the finished result."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class Completion:
+    prompt: str
+    text: str
+    token_ids: list[int]  # generated ids only (EOS included when it ended the row)
+    prompt_token_ids: list[int]
+    finish_reason: str  # "stop" (EOS or stop string) | "length"
+    ttft_ms: float
+    total_ms: float
+
+    @property
+    def tokens_per_s(self) -> float:
+        return len(self.token_ids) / (self.total_ms / 1e3) if self.total_ms > 0 else 0.0
+
+    @property
+    def tpot_ms(self) -> float:
+        """Time per output token after the first (vLLM's TPOT)."""
+        n = len(self.token_ids)
+        return (self.total_ms - self.ttft_ms) / (n - 1) if n > 1 else 0.0
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["tokens_per_s"] = round(self.tokens_per_s, 2)
+        d["tpot_ms"] = round(self.tpot_ms, 3)
+        d["ttft_ms"] = round(self.ttft_ms, 3)
+        d["total_ms"] = round(self.total_ms, 3)
+        return d
+
+
+@dataclass
+class Sequence:
+    """A row of a generation batch: its prompt, what it produced, and whether it is done."""
+
+    index: int
+    prompt: str
+    prompt_ids: list[int]
+    output_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    text: str | None = None  # set when a stop string cut the text
+    first_token_s: float = 0.0
+    finish_s: float = 0.0
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
