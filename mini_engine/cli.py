@@ -76,8 +76,8 @@ def generate(config_path, overrides, model, backend, device, dtype, max_new_toke
     from .engine import Engine
 
     cfg = build_config(config_path, overrides, model, backend, device, dtype)
-    note_random(cfg.model.source)
     with Engine(config=cfg) as engine:
+        note_random(cfg.model.source)  # after loading, so a bad input still gets exactly one error line
         params = engine.sampling_params(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                                         top_p=top_p, seed=seed, stop=list(stop) or None,
                                         truncate=truncate, ignore_eos=ignore_eos)

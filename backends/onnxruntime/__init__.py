@@ -1,8 +1,4 @@
-"""ONNX Runtime backend (implementation lands with the ONNX export issue)."""
-from mini_engine.runner import NotImplementedRunner
+"""ONNX Runtime backend: runs the graph `mini-engine export onnx` writes (CPU, CUDA, TensorRT providers)."""
+from .runner import OrtOptions, OrtRunner
 
-
-class OrtRunner(NotImplementedRunner):
-    name = "onnxruntime"
-    supported_devices = ("cpu", "cuda")
-    planned_in = "ONNX export + ONNX Runtime backend issue"
+__all__ = ["OrtRunner", "OrtOptions"]

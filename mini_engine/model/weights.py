@@ -24,6 +24,10 @@ def torch_dtype(name: str) -> torch.dtype:
 
 def build_model(source: ModelSource, dtype: str = "float32", device: str = "cpu") -> GPT2:
     """The GPT-2 module in eval mode with weights from `source`, on `device`."""
+    if source.kind == "onnx":
+        raise ConfigError(
+            f"'{source.spec}' is an ONNX export: run it with --backend onnxruntime, or give the torch "
+            f"backend the checkpoint or random:<preset> it was exported from")
     model = GPT2(source.config)
     if source.is_random:
         init_random_(model, source.seed)

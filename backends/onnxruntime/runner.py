@@ -1,0 +1,242 @@
+"""ONNX Runtime runner: the exported GPT-2 graph, KV cache kept as OrtValues between steps.
+
+Each step binds the previous step's `present.*` outputs as this step's `past_key_values.*`
+through IO binding, so the cache never passes through numpy; on CUDA it stays on the
+device, and only the logits are copied to the host. When the engine drops finished rows,
+a tiny Gather graph (same providers) selects the remaining rows, again without leaving
+the device.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from mini_engine.devices import cuda_unavailable_reason, module_installed, package_version
+from mini_engine.errors import ConfigError, MiniEngineError, ModelNotFound
+from mini_engine.runner import Availability, Runner, StepInput
+
+
+@dataclass
+class OrtOptions:
+    # Execution providers in priority order; [] = CPUExecutionProvider on cpu, CUDA (+CPU) on cuda.
+    providers: list[str] = field(default_factory=list)
+    intra_op_threads: int = 0  # 0 = one per physical core
+    inter_op_threads: int = 0
+    graph_optimization_level: str = "all"  # disable | basic | extended | all
+    # Busy-wait of ORT's worker threads between ops: on = lowest latency; auto = on unless
+    # PyTorch is loaded in the same process (its threads would fight ORT's for the cores).
+    allow_spinning: str = "auto"  # auto | on | off
+    onnx_path: str = ""  # an export directory or .onnx file; "" = model.source (exported on first use)
+    optimize: bool = False  # apply ORT's transformer fusions when exporting on first use
+    cache_dir: str = ""  # "" = $MINI_ENGINE_CACHE or ~/.cache/mini-engine
+    trt_engine_cache: str = ""  # TensorrtExecutionProvider engine cache; "" = <cache_dir>/tensorrt
+    trt_fp16: bool = False
+    trt_max_batch_size: int = 16  # the TensorRT optimisation profile's largest shapes
+    trt_max_seq_len: int = 0  # 0 = the model's context window
+
+    def __post_init__(self):
+        from .session import LEVELS
+
+        if self.intra_op_threads < 0 or self.inter_op_threads < 0:
+            raise ConfigError("backend.options.intra_op_threads/inter_op_threads must be >= 0")
+        if self.graph_optimization_level not in LEVELS:
+            raise ConfigError(f"backend.options.graph_optimization_level must be one of {', '.join(LEVELS)}, "
+                              f"got '{self.graph_optimization_level}'")
+        if self.allow_spinning not in ("auto", "on", "off"):
+            raise ConfigError(f"backend.options.allow_spinning must be auto, on or off, got '{self.allow_spinning}'")
+        if self.trt_max_batch_size < 1 or self.trt_max_seq_len < 0:
+            raise ConfigError("backend.options.trt_max_batch_size must be >= 1 and trt_max_seq_len >= 0")
+
+
+class OrtRunner(Runner):
+    name = "onnxruntime"
+    supported_devices = ("cpu", "cuda")
+    Options = OrtOptions
+
+    @classmethod
+    def availability(cls) -> Availability:
+        if not module_installed("onnxruntime"):
+            return Availability(False, "onnxruntime is not installed (pip install mini-engine[onnx], "
+                                       "or mini-engine[gpu] for CUDA)", (), None)
+        version = package_version("onnxruntime-gpu", "onnxruntime")
+        gpu = package_version("onnxruntime-gpu") is not None and cuda_unavailable_reason() is None
+        return Availability(True, None, ("cpu", "cuda") if gpu else ("cpu",), version)
+
+    # ----- lifecycle -------------------------------------------------------
+    def _load_impl(self) -> None:
+        from . import session as s
+
+        if self.config.dtype == "bfloat16":
+            raise ConfigError("the onnxruntime backend runs float32 or float16 (CUDA) exports, not bfloat16")
+        self.device_kind, self.device_id = s.device_type(self.config.device)
+        if self.config.dtype == "float16" and self.device_kind != "cuda":
+            raise ConfigError("float16 ONNX graphs need --device cuda; on CPU use float32")
+        self.cache_root = s.cache_root(self.options.cache_dir)
+        providers = s.choose_providers(self.options.providers, self.config.device)
+        self.export = self._resolve_export()
+        self.onnx_file = self.export.model_file
+        self.precision = self.export.precision
+        self.spinning = s.resolve_spinning(self.options.allow_spinning)
+        so = s.session_options(self.options, self.spinning)
+        cfg = self.config.model.config
+        popts = s.provider_options(providers, self.config.device, self.options, cfg, self.cache_root, self.precision)
+        self.session = s.create_session(self.onnx_file, so, providers, popts)
+        self._check_contract()
+        # Row selection runs on CUDA (or CPU), never TensorRT: it is one Gather per tensor.
+        gather_providers = [p for p in providers if p != "TensorrtExecutionProvider"] or ["CPUExecutionProvider"]
+        self.gather = s.create_session(self._gather_graph(), so, gather_providers,
+                                       [{} if p == "CPUExecutionProvider" else {"device_id": self.device_id}
+                                        for p in gather_providers])
+        self.kv_dtype = np.float16 if self.precision == "float16" else np.float32
+        self.past_names = [i.name for i in self.session.get_inputs()][3:]
+        self.present_names = [o.name for o in self.session.get_outputs()][1:]
+        self.past: list | None = None
+        self.layout: list[int] = []
+        self.cached_len = 0
+
+    def _close_impl(self) -> None:
+        self.session = self.gather = None
+        self.past = None
+
+    def _resolve_export(self):
+        """The export to run: options.onnx_path, model.source if it is one, else export into the cache."""
+        from mini_engine.model.source import resolve_model
+        from mini_engine_export.manifest import Manifest
+
+        source = self.config.model
+        if self.options.onnx_path:
+            given = resolve_model(self.options.onnx_path)
+            if given.kind != "onnx":
+                raise ConfigError(f"backend.options.onnx_path '{self.options.onnx_path}' is not an ONNX export "
+                                  f"(a directory with manifest.json, or its .onnx file)")
+            if source.kind != "onnx" and given.fingerprint() != source.fingerprint():
+                raise ModelNotFound(f"the export in '{given.path}' was made from a different model than "
+                                    f"model.source '{source.spec}' (manifest fingerprint {given.fingerprint()}, "
+                                    f"model {source.fingerprint()}); re-export or fix backend.options.onnx_path")
+            source = given
+        if source.kind == "onnx":
+            manifest = Manifest.read(source.path)
+            if manifest is None:
+                raise ModelNotFound(f"'{source.spec}' has no manifest.json")
+            problems = manifest.problems()
+            if problems:
+                raise ModelNotFound(f"the export in '{source.path}' is damaged: {problems[0]}; "
+                                    f"re-export with `mini-engine export onnx --force`")
+            if source.onnx_file is not None and source.onnx_file.resolve() != manifest.model_file.resolve():
+                manifest.data.setdefault("files", {})["model"] = source.onnx_file.name
+            return manifest
+        return self._export_to_cache(source)
+
+    def _export_to_cache(self, source):
+        from mini_engine_export.manifest import export_request
+        from mini_engine_export.onnx_export import DEFAULT_OPSET, export_onnx
+
+        precision = "float16" if self.config.dtype == "float16" else "float32"
+        request = export_request(source, DEFAULT_OPSET, precision, self.options.optimize, "dynamo")
+        key = hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()[:16]
+        out = self.cache_root / "onnx" / key
+        import click
+
+        result = export_onnx(source, out, opset=DEFAULT_OPSET, optimize=self.options.optimize,
+                             fp16=precision == "float16", validate=True,
+                             log=lambda line: click.echo(f"[onnx export] {line}", err=True))
+        return result.manifest
+
+    def _check_contract(self) -> None:
+        """The graph's I/O must be the manifest's (and the model config's) contract."""
+        io = self.export.data.get("io", {})
+        want_in = [x["name"] for x in io.get("inputs", [])]
+        want_out = [x["name"] for x in io.get("outputs", [])]
+        got_in = [i.name for i in self.session.get_inputs()]
+        got_out = [o.name for o in self.session.get_outputs()]
+        n_layer = self.config.model.config.n_layer
+        if got_in != want_in or got_out != want_out or len(got_in) != 3 + 2 * n_layer:
+            diff = next((f"{a} != {b}" for a, b in zip(got_in + got_out, want_in + want_out) if a != b),
+                        f"{len(got_in)} inputs, {len(want_in)} in the manifest, {3 + 2 * n_layer} for {n_layer} layers")
+            raise ModelNotFound(f"the manifest in '{self.export.directory}' does not match {self.onnx_file.name} "
+                                f"({diff}); re-export with `mini-engine export onnx --force`")
+
+    def _gather_graph(self) -> bytes:
+        from onnx import TensorProto, helper
+
+        n = 2 * self.config.model.config.n_layer
+        elem = TensorProto.FLOAT16 if self.export.precision == "float16" else TensorProto.FLOAT
+        inputs = [helper.make_tensor_value_info("rows", TensorProto.INT64, ["n"])]
+        inputs += [helper.make_tensor_value_info(f"in{i}", elem, ["b", "h", "p", "d"]) for i in range(n)]
+        outputs = [helper.make_tensor_value_info(f"out{i}", elem, ["n", "h", "p", "d"]) for i in range(n)]
+        nodes = [helper.make_node("Gather", [f"in{i}", "rows"], [f"out{i}"], axis=0) for i in range(n)]
+        graph = helper.make_graph(nodes, "select_rows", inputs, outputs)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+        model.ir_version = 8
+        return model.SerializeToString()
+
+    # ----- KV cache ----------------------------------------------------------
+    def _allocate_kv_impl(self, num_slots: int, max_seq_len: int) -> None:
+        # The cache grows inside the graph (present = past ++ new): nothing to reserve up front.
+        self.past, self.layout, self.cached_len = None, [], 0
+
+    def _free_kv_impl(self) -> None:
+        self.past, self.layout, self.cached_len = None, [], 0
+
+    # ----- execution -----------------------------------------------------------
+    def _execute_impl(self, step: StepInput) -> np.ndarray:
+        from onnxruntime import OrtValue
+
+        b = step.batch_size
+        if step.past_len == 0:
+            cfg = self.config.model.config
+            empty = OrtValue.ortvalue_from_shape_and_type([b, cfg.n_head, 0, cfg.head_dim], self.kv_dtype,
+                                                          self.device_kind, self.device_id)
+            past = [empty] * len(self.past_names)
+        else:
+            past = self._select_rows(step)
+        io = self.session.io_binding()
+        feeds = [np.ascontiguousarray(a, dtype=np.int64) for a in (step.input_ids, step.position_ids,
+                                                                   step.attention_mask)]
+        for name, array in zip(("input_ids", "position_ids", "attention_mask"), feeds):
+            io.bind_cpu_input(name, array)
+        for name, value in zip(self.past_names, past):
+            io.bind_ortvalue_input(name, value)
+        io.bind_output("logits", "cpu")
+        for name in self.present_names:
+            io.bind_output(name, self.device_kind, self.device_id)
+        self.session.run_with_iobinding(io)
+        outputs = io.get_outputs()
+        self.past, self.layout = outputs[1:], list(step.slot_ids)
+        self.cached_len = step.past_len + step.seq_len
+        logits = outputs[0].numpy()
+        return logits[:, -1, :] if step.logits == "last" else logits
+
+    def _select_rows(self, step: StepInput) -> list:
+        """The cached KV for `step.slot_ids`, in that order (a Gather when rows were dropped)."""
+        if self.past is None or step.past_len != self.cached_len:
+            raise MiniEngineError(f"step expects {step.past_len} cached positions but the onnxruntime cache "
+                                  f"holds {self.cached_len}; every step after the first must continue the last")
+        wanted = list(step.slot_ids)
+        if wanted == self.layout:
+            return self.past
+        missing = [s for s in wanted if s not in self.layout]
+        if missing:
+            raise MiniEngineError(f"slot {missing[0]} has no cached KV (it was not in the previous step)")
+        rows = np.array([self.layout.index(s) for s in wanted], dtype=np.int64)
+        io = self.gather.io_binding()
+        io.bind_cpu_input("rows", rows)
+        for i, value in enumerate(self.past):
+            io.bind_ortvalue_input(f"in{i}", value)
+            io.bind_output(f"out{i}", self.device_kind, self.device_id)
+        self.gather.run_with_iobinding(io)
+        return io.get_outputs()
+
+    def describe(self) -> dict:
+        info = super().describe()
+        if self.is_loaded:
+            import onnxruntime
+
+            info.update(onnxruntime=onnxruntime.__version__, providers=self.session.get_providers(),
+                        onnx=str(self.onnx_file), precision=self.precision, spinning=self.spinning,
+                        optimization=self.export.data.get("optimization"))
+        return info

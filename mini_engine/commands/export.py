@@ -1,0 +1,44 @@
+"""`mini-engine export`: one subcommand per target format (onnx here; tensorrt joins the group)."""
+from __future__ import annotations
+
+import click
+
+from .common import build_config, config_options, note_random
+
+
+@click.group("export")
+def command():
+    """Export a model to a deployable format (with a manifest beside it)."""
+
+
+@command.command("onnx")
+@config_options
+@click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="Directory to write.")
+@click.option("--opset", type=int, default=None, help="ONNX opset (default 18).")
+@click.option("--optimize/--no-optimize", default=False, show_default=True,
+              help="Apply ONNX Runtime's transformer fusions for GPT-2 (LayerNorm/GELU; attention where matched).")
+@click.option("--fp16", is_flag=True, help="float16 weights and KV for CUDA (LayerNorm, softmax, logits stay float32).")
+@click.option("--validate/--no-validate", default=True, show_default=True,
+              help="Compare the graph with the PyTorch forward; exit non-zero when it differs.")
+@click.option("--force", is_flag=True, help="Re-export even when OUT holds an identical export.")
+@click.option("--exporter", type=click.Choice(["dynamo", "torchscript"]), default="dynamo", show_default=True,
+              help="torch.onnx exporter.")
+def onnx(config_path, overrides, model, backend, device, dtype, out, opset, optimize, fp16, validate, force,
+         exporter):
+    """Export the engine's GPT-2 forward with a KV cache to OUT/model.onnx."""
+    from pathlib import Path
+
+    from mini_engine.model.source import resolve_model
+    from mini_engine_export.onnx_export import DEFAULT_OPSET, export_onnx
+
+    cfg = build_config(config_path, overrides, model, backend, device, dtype)
+    source = resolve_model(cfg.model.source)
+    note_random(cfg.model.source)
+    result = export_onnx(source, Path(out), opset=opset or DEFAULT_OPSET, optimize=optimize, fp16=fp16,
+                         validate=validate, force=force, exporter=exporter, log=lambda s: click.echo(s, err=True))
+    click.echo(str(result.model_file))
+
+
+from .export_tensorrt import tensorrt_cmd  # noqa: E402  (its own module; heavy imports stay inside it)
+
+command.add_command(tensorrt_cmd)
