@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, Mapping, Sequence as Seq
+from typing import Any, Callable, Mapping, Sequence as Seq
 
 import numpy as np
 
@@ -13,7 +13,7 @@ from .model.source import resolve_model
 from .registry import get_backend
 from .runner import Runner, RunnerConfig, StepInput
 from .sampling import Sampler, SamplingParams
-from .sequence import Completion, Sequence
+from .sequence import Completion, Score, Sequence
 from .tokenizer import Tokenizer, load_tokenizer
 
 
@@ -38,6 +38,7 @@ class Engine:
             options=self.config.backend.options))
         self.tokenizer: Tokenizer = load_tokenizer(self.source)
         self.runner.load()
+        self.num_steps = 0  # runner steps executed: benchmarks turn it into bandwidth achieved
 
     @classmethod
     def from_config(cls, path_or_dict: str | Path | Mapping[str, Any] | None = None,
@@ -97,32 +98,87 @@ class Engine:
             ids = ids[-limit:]
         return ids
 
+    def score(self, prompts: str | Seq[str], top_k: int = 5, truncate: bool = False) -> list[Score]:
+        """One forward pass per prompt: the next token's top_k ids, log-probabilities and logits."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        params = self.sampling_params(truncate=truncate)
+        seqs = [Sequence(i, p, self.encode_prompt(p, params)) for i, p in enumerate(prompts)]
+        step = self.config.batching.max_batch_size
+        return [s for start in range(0, len(seqs), step) for s in self.score_batch(seqs[start:start + step], top_k)]
+
     # ----- one batch: schedule -> run -> postprocess ---------------------------
-    def generate_batch(self, seqs: list[Sequence], params: SamplingParams) -> list[Completion]:
+    def score_batch(self, seqs: list[Sequence], top_k: int = 5) -> list[Score]:
+        vocab = self.source.config.vocab_size
+        if not 1 <= top_k <= vocab:
+            raise ConfigError(f"top_k must be in 1..{vocab}, got {top_k}")
+        prompt_len = max(len(s.prompt_ids) for s in seqs)
+        self.runner.allocate_kv(len(seqs), prompt_len)
+        try:
+            logits = self._execute(prefill_step(seqs, prompt_len))
+        finally:
+            self.runner.free_kv()
+        return [top_k_score(s, row, top_k) for s, row in zip(seqs, logits)]
+
+    def generate_batch(self, seqs: list[Sequence], params: SamplingParams,
+                       on_finish: Callable[[int, Completion], None] | None = None) -> list[Completion]:
+        """Generate for `seqs` together; on_finish(i, completion) fires as soon as row i is done."""
         t0 = time.perf_counter()
         prompt_len = max(len(s.prompt_ids) for s in seqs)
         max_len = min(prompt_len + params.max_new_tokens, self.max_positions)
         seeds = [None if params.seed is None else params.seed + s.index for s in seqs]
         sampler = Sampler(params, seeds)
         eos = None if params.ignore_eos else self.tokenizer.eos_token_id
+        done: dict[int, Completion] = {}
         self.runner.allocate_kv(len(seqs), max_len)
         try:
             step = prefill_step(seqs, prompt_len)
             mask = step.attention_mask
             active = list(range(len(seqs)))
             while True:
-                logits = self.runner.execute(step)
+                logits = self._execute(step)
                 tokens = sampler(logits, active)
                 now = time.perf_counter()
                 # Rows share the padded prompt length, so the context window
                 # leaves every row the same budget of new tokens.
-                active = self._postprocess(seqs, active, tokens, params, eos, max_len - prompt_len, now)
+                still = self._postprocess(seqs, active, tokens, params, eos, max_len - prompt_len, now)
+                for row in active:
+                    if seqs[row].finished:
+                        done[row] = self._completion(seqs[row], t0)
+                        if on_finish is not None:
+                            on_finish(row, done[row])
+                active = still
                 if not active:
                     break
                 step, mask = decode_step(seqs, active, mask, prompt_len)
         finally:
             self.runner.free_kv()
-        return [self._completion(s, t0) for s in seqs]
+        return [done[i] for i in range(len(seqs))]
+
+    def generate_uncached(self, seq: Sequence, params: SamplingParams) -> Completion:
+        """The naive baseline: one request and no KV cache, so every new token re-runs the whole
+        sequence. Benchmarks compare it with generate_batch to show what caching and batching buy."""
+        t0 = time.perf_counter()
+        n_prompt = len(seq.prompt_ids)
+        max_len = min(n_prompt + params.max_new_tokens, self.max_positions)
+        sampler = Sampler(params, [None if params.seed is None else params.seed + seq.index])
+        eos = None if params.ignore_eos else self.tokenizer.eos_token_id
+        self.runner.allocate_kv(1, max_len)
+        try:
+            while not seq.finished:
+                ids = np.array([seq.prompt_ids + seq.output_ids], dtype=np.int64)
+                t = ids.shape[1]
+                step = StepInput(ids, np.arange(t, dtype=np.int64)[None], np.ones_like(ids), slot_ids=[0],
+                                 past_len=0)
+                tokens = sampler(self._execute(step), [0])
+                self._postprocess([seq], [0], tokens, params, eos, max_len - n_prompt, time.perf_counter())
+        finally:
+            self.runner.free_kv()
+        return self._completion(seq, t0)
+
+    def _execute(self, step: StepInput) -> np.ndarray:
+        self.num_steps += 1
+        return self.runner.execute(step)
 
     def _postprocess(self, seqs, active, tokens, params, eos, budget, now) -> list[int]:
         """Record each row's new token; return the rows that go on."""
@@ -132,6 +188,7 @@ class Engine:
             if not seq.output_ids:
                 seq.first_token_s = now
             seq.output_ids.append(token)
+            seq.token_s.append(now)
             if token == eos:
                 seq.finish_reason = "stop"
             elif params.stop and self._hit_stop(seq, params.stop):
@@ -160,7 +217,8 @@ class Engine:
             text = self.tokenizer.decode(shown)
         return Completion(prompt=seq.prompt, text=text, token_ids=list(ids),
                           prompt_token_ids=list(seq.prompt_ids), finish_reason=seq.finish_reason,
-                          ttft_ms=(seq.first_token_s - t0) * 1e3, total_ms=(seq.finish_s - t0) * 1e3)
+                          ttft_ms=(seq.first_token_s - t0) * 1e3, total_ms=(seq.finish_s - t0) * 1e3,
+                          token_times_ms=[(t - t0) * 1e3 for t in seq.token_s])
 
 
 def prefill_step(seqs: list[Sequence], prompt_len: int) -> StepInput:
@@ -186,3 +244,13 @@ def decode_step(seqs: list[Sequence], active: list[int], full_mask: np.ndarray,
     ids = np.array([[seqs[r].output_ids[-1]] for r in active], dtype=np.int64)
     pos = np.array([[len(seqs[r].prompt_ids) + len(seqs[r].output_ids) - 1] for r in active], dtype=np.int64)
     return StepInput(ids, pos, full_mask[active], slot_ids=active, past_len=past), full_mask
+
+
+def top_k_score(seq: Sequence, logits: np.ndarray, k: int) -> Score:
+    """The k most likely next tokens of one row of last-position logits [V]."""
+    top = np.argpartition(-logits, k - 1)[:k]
+    top = top[np.argsort(-logits[top], kind="stable")]
+    m = logits.max()
+    log_z = m + np.log(np.exp(logits.astype(np.float64) - m).sum())
+    return Score(prompt=seq.prompt, prompt_token_ids=list(seq.prompt_ids), top_ids=top.tolist(),
+                 top_logprobs=(logits[top] - log_z).tolist(), top_logits=logits[top].tolist())

@@ -13,6 +13,8 @@ class Completion:
     finish_reason: str  # "stop" (EOS or stop string) | "length"
     ttft_ms: float
     total_ms: float
+    # When each generated token was ready, ms after the batch started (inter-token latency).
+    token_times_ms: list[float] = field(default_factory=list, repr=False)
 
     @property
     def tokens_per_s(self) -> float:
@@ -26,6 +28,7 @@ class Completion:
 
     def to_dict(self) -> dict:
         d = asdict(self)
+        del d["token_times_ms"]
         d["tokens_per_s"] = round(self.tokens_per_s, 2)
         d["tpot_ms"] = round(self.tpot_ms, 3)
         d["ttft_ms"] = round(self.ttft_ms, 3)
@@ -45,7 +48,22 @@ class Sequence:
     text: str | None = None  # set when a stop string cut the text
     first_token_s: float = 0.0
     finish_s: float = 0.0
+    token_s: list[float] = field(default_factory=list)  # perf_counter() of each new token
 
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+
+@dataclass
+class Score:
+    """One forward pass over a prompt: the next token's top-k candidates."""
+
+    prompt: str
+    prompt_token_ids: list[int]
+    top_ids: list[int]  # most likely next tokens, best first
+    top_logprobs: list[float]  # their log-probabilities (natural log)
+    top_logits: list[float]
+
+    def to_dict(self) -> dict:
+        return asdict(self)

@@ -1,0 +1,189 @@
+#!/usr/bin/env python
+"""Greedy generation throughput: mini-engine backends vs Hugging Face `generate()`.
+
+Same weights for every target (the engine's seeded random GPT-2 is copied into a
+transformers GPT2LMHeadModel), one target per subprocess so thread pools do not
+distort each other, the median of --runs timed runs after a warm-up.
+
+    python benchmarks/generate_bench.py --model random:gpt2 --batch-sizes 1,16 \
+        --targets hf:cpu,torch:cpu,onnxruntime:cpu --out result/cpu/generate_bench
+
+Throughput = batch x new tokens / wall time of the whole generation (prefill included).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="random:gpt2")
+    p.add_argument("--targets", default="hf:cpu,torch:cpu",
+                   help="comma list of BACKEND:DEVICE; 'hf' is transformers.generate()")
+    p.add_argument("--batch-sizes", default="1,16")
+    p.add_argument("--prompt-len", type=int, default=32)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--set", dest="overrides", action="append", default=[],
+                   help="config override for mini-engine targets, e.g. backend.options.linear=aten")
+    p.add_argument("--out", default=None, help="write OUT.json and OUT.md")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--batch", type=int, default=None, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def prompts(batch: int, length: int) -> list[list[int]]:
+    import numpy as np
+
+    rng = np.random.default_rng(1234)
+    return [rng.integers(0, 50000, length).tolist() for _ in range(batch)]
+
+
+def time_runs(fn, runs: int) -> list[float]:
+    fn()  # warm-up: allocations, oneDNN primitive creation, lazy init
+    out = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t)
+    return out
+
+
+def worker_hf(args, device: str) -> dict:
+    import torch
+    from transformers import GPT2Config as HFConfig, GPT2LMHeadModel
+
+    from mini_engine.model.source import resolve_model
+    from mini_engine.model.weights import build_model
+
+    source = resolve_model(args.model)
+    if source.is_random:
+        ours = build_model(source, "float32", "cpu")
+        c = source.config
+        hf = GPT2LMHeadModel(HFConfig(vocab_size=c.vocab_size, n_positions=c.n_positions, n_embd=c.n_embd,
+                                      n_layer=c.n_layer, n_head=c.n_head))
+        state = {}
+        for k, v in ours.state_dict().items():
+            if k.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")):
+                v = v.t()
+            state["transformer." + k] = v
+        state["lm_head.weight"] = ours.wte.weight
+        hf.load_state_dict(state, strict=False)
+    else:
+        hf = GPT2LMHeadModel.from_pretrained(source.path)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    hf = hf.to(device=device, dtype=dtype).eval()
+    ids = torch.tensor(prompts(args.batch, args.prompt_len), device=device)
+
+    def run():
+        with torch.inference_mode():
+            hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=args.new_tokens,
+                        min_new_tokens=args.new_tokens, pad_token_id=50256)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    return {"threads": torch.get_num_threads(), "times_s": time_runs(run, args.runs),
+            "library": f"transformers {__import__('transformers').__version__}, torch {torch.__version__}"}
+
+
+def worker_engine(args, backend: str, device: str) -> dict:
+    from mini_engine import Engine, load_config
+    from mini_engine.sampling import SamplingParams
+    from mini_engine.sequence import Sequence
+
+    cfg = load_config(None, args.overrides, **{"model.source": args.model, "backend.name": backend,
+                                               "backend.device": device, "model.dtype": args.dtype,
+                                               "batching.max_batch_size": args.batch})
+    engine = Engine(config=cfg)
+    params = SamplingParams(max_new_tokens=args.new_tokens, ignore_eos=True)
+    batch = prompts(args.batch, args.prompt_len)
+    ttft = []
+
+    def run():
+        seqs = [Sequence(i, "", ids) for i, ids in enumerate(batch)]
+        done = engine.generate_batch(seqs, params)
+        assert all(len(c.token_ids) == args.new_tokens for c in done)
+        ttft.append(done[0].ttft_ms)
+
+    times = time_runs(run, args.runs)
+    return {"times_s": times, "ttft_ms": statistics.median(ttft[1:]), "runner": engine.runner.describe(),
+            "weight_bytes": engine.runner.weight_bytes}
+
+
+def run_worker(args) -> None:
+    backend, _, device = args.worker.partition(":")
+    device = device or "cpu"
+    result = worker_hf(args, device) if backend == "hf" else worker_engine(args, backend, device)
+    print(json.dumps(result))
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.worker:
+        run_worker(args)
+        return 0
+    rows = []
+    for target in args.targets.split(","):
+        for batch in [int(b) for b in args.batch_sizes.split(",")]:
+            cmd = [sys.executable, __file__, "--worker", target, "--batch", str(batch), "--model", args.model,
+                   "--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens),
+                   "--runs", str(args.runs), "--dtype", args.dtype] + [f"--set={o}" for o in args.overrides]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                reason = (proc.stderr.strip().splitlines() or ["failed"])[-1]
+                rows.append({"target": target, "batch_size": batch, "status": "skipped", "reason": reason})
+                print(f"{target:18s} batch {batch:3d}: skipped ({reason})", file=sys.stderr)
+                continue
+            r = json.loads(proc.stdout.strip().splitlines()[-1])
+            med = statistics.median(r["times_s"])
+            row = {"target": target, "batch_size": batch, "status": "ok",
+                   "tokens_per_s": batch * args.new_tokens / med,
+                   "tokens_per_s_runs": [round(batch * args.new_tokens / t, 2) for t in r["times_s"]],
+                   "seconds_median": med}
+            row.update({k: v for k, v in r.items() if k != "times_s"})
+            rows.append(row)
+            print(f"{target:18s} batch {batch:3d}: {row['tokens_per_s']:8.1f} tokens/s "
+                  f"(runs: {row['tokens_per_s_runs']})", file=sys.stderr)
+    report = {"command": " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]),
+              "machine": {"platform": platform.platform(), "processor": platform.processor(),
+                          "cpus": __import__("os").cpu_count()},
+              "settings": {"model": args.model, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
+                           "runs": args.runs, "dtype": args.dtype, "overrides": args.overrides},
+              "rows": rows}
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+        out.with_suffix(".md").write_text(markdown(report))
+    print(markdown(report))
+    return 0
+
+
+def markdown(report: dict) -> str:
+    s = report["settings"]
+    lines = [f"Greedy generation, {s['model']} {s['dtype']}, prompt {s['prompt_len']} tokens, "
+             f"{s['new_tokens']} new tokens, median of {s['runs']} runs.", "",
+             f"Command: `python {report['command']}`", "",
+             "| target | batch | tokens/s | runs (tokens/s) | vs hf |", "|---|---:|---:|---|---:|"]
+    hf = {r["batch_size"]: r["tokens_per_s"] for r in report["rows"]
+          if r["target"].startswith("hf") and r["status"] == "ok"}
+    for r in report["rows"]:
+        if r["status"] != "ok":
+            lines.append(f"| {r['target']} | {r['batch_size']} | skipped: {r['reason']} | | |")
+            continue
+        ratio = f"{r['tokens_per_s'] / hf[r['batch_size']]:.2f}x" if r["batch_size"] in hf else "-"
+        lines.append(f"| {r['target']} | {r['batch_size']} | {r['tokens_per_s']:.1f} | "
+                     f"{', '.join(map(str, r['tokens_per_s_runs']))} | {ratio} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

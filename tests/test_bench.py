@@ -1,0 +1,90 @@
+"""`mini-engine bench` end to end through the real CLI (random:tiny, tiny request counts)."""
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import run_cli
+
+from mini_engine.bench.metrics import COLUMNS
+
+# What the issue requires every result row to carry.
+REQUIRED = ["target", "backend", "device", "mode", "batch_size", "throughput_rps", "tokens_per_s",
+            "latency_mean_ms", "latency_p50_ms", "latency_p90_ms", "latency_p95_ms", "latency_p99_ms",
+            "mean_batch_size", "peak_rss_mb", "status", "reason"]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def test_tiny_forward_sweep_writes_csv_json_png_and_lists_unavailable_targets_as_skipped(tmp_path):
+    out = tmp_path / "run"
+    proc = run_cli("bench", "--model", "random:tiny", "--targets", "torch:cpu,nosuch:cpu,tensorrt:cpu",
+                   "--batch-sizes", "1,2", "--requests", 4, "--trials", 2, "--warmup", 1, "--no-progress",
+                   "--out", out, check=True, timeout=300)
+    with (out / "bench.csv").open() as f:
+        reader = csv.DictReader(f)
+        header, rows = reader.fieldnames, list(reader)
+    assert header == list(COLUMNS) and set(REQUIRED) <= set(header)
+    ok = [r for r in rows if r["status"] == "ok"]
+    assert [(r["target"], r["mode"], r["batch_size"]) for r in ok] == [("torch:cpu", "forward", "1"),
+                                                                       ("torch:cpu", "forward", "2")]
+    for r in ok:
+        assert float(r["throughput_rps"]) > 0
+        assert abs(float(r["tokens_per_s"]) / float(r["throughput_rps"]) - 8) < 0.01  # 8-token prompts
+        assert float(r["latency_p50_ms"]) <= float(r["latency_p99_ms"])
+        assert 1 <= float(r["mean_batch_size"]) <= int(r["batch_size"])
+        assert float(r["peak_rss_mb"]) > 50 and float(r["bandwidth_gbps"]) > 0
+        assert float(r["machine_bandwidth_gbps"]) > 0 and r["threads"]
+    skipped = {r["target"]: r["reason"] for r in rows if r["status"] == "skipped"}
+    assert "not installed" in skipped["nosuch:cpu"]
+    assert "tensorrt" in skipped["tensorrt:cpu"]
+
+    result = json.loads((out / "bench.json").read_text())
+    assert result["columns"]["throughput_rps"]["unit"] == "requests/s"
+    assert result["columns"]["latency_p95_ms"]["unit"] == "ms"
+    meta = result["meta"]
+    assert meta["model"] == "random:tiny" and meta["machine"]["cpu_count"] >= 1
+    assert "torch" in meta["machine"]["libraries"] and meta["config"]["batching"]["max_queue_delay_ms"] == 2.0
+    assert meta["targets"]["torch:cpu"]["runner"]["backend"] == "torch"
+    assert len(result["results"]) == len(rows)
+    (gain,) = result["best_vs_batch1"]
+    assert gain["target"] == "torch:cpu" and gain["speedup"] > 0
+    for name in ("throughput_vs_batch_size.png", "latency_mean_vs_batch_size.png",
+                 "latency_p50_p95_vs_batch_size.png", "summary.png"):
+        assert (out / name).read_bytes()[:8] == PNG_MAGIC
+    assert "torch:cpu" in proc.stdout and "skipped: nosuch:cpu" in proc.stdout
+
+
+def test_naive_vs_optimized_generate_table(tmp_path):
+    out = tmp_path / "nvo"
+    proc = run_cli("bench", "--model", "random:tiny", "--targets", "torch:cpu", "--mode", "naive-vs-optimized",
+                   "--batch-sizes", "4", "--requests", 4, "--max-new-tokens", 4, "--prompt-len", 4, "--warmup", 0,
+                   "--no-progress", "--out", out, check=True, timeout=300)
+    result = json.loads((out / "bench.json").read_text())
+    modes = {r["mode"]: r for r in result["results"]}
+    assert set(modes) == {"generate", "naive"} and all(r["status"] == "ok" for r in modes.values())
+    gen = modes["generate"]
+    assert abs(gen["tokens_per_s"] / gen["throughput_rps"] - 4) < 0.01  # 4 tokens per request
+    for key in ("ttft_mean_ms", "itl_mean_ms", "tpot_mean_ms"):
+        assert gen[key] > 0
+    (row,) = result["comparison"]
+    assert row["prompt_len"] == 4 and row["batch_size"] == 4 and row["max_new_tokens"] == 4
+    assert row["tokens_generated"] == 16 and row["speedup"] > 0
+    assert (out / "naive_vs_optimized.csv").exists()
+    assert "speedup" in proc.stdout
+
+
+def test_bad_flags_are_one_line_errors(tmp_path):
+    for args in (["--batch-sizes", "1,x"], ["--concurrency", "2", "--request-rate", "5"],
+                 ["--option", "torchthreads"]):
+        proc = run_cli("bench", "--model", "random:tiny", "--out", tmp_path / "bad", *args)
+        assert proc.returncode != 0
+        assert "Traceback" not in proc.stderr and proc.stderr.strip().count("\n") == 0, proc.stderr
+
+
+def test_script_has_the_same_flags():
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "batch_size_bench.py"
+    proc = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0
+    for flag in ("--requests", "--batch-sizes", "--trials", "--targets", "--mode"):
+        assert flag in proc.stdout
