@@ -18,10 +18,16 @@ class TorchOptions:
     # which streams weights faster than MKL's GEMV on this class of CPU;
     # "aten" is plain torch.nn.functional.linear. "auto" picks onednn on CPU.
     linear: str = "auto"
+    # CUDA: decode steps replay CUDA graphs captured per bucketed batch size
+    # up to cuda_graph_max_batch; enforce_eager turns that off.
+    enforce_eager: bool = False
+    cuda_graph_max_batch: int = 64
 
     def __post_init__(self):
         if self.threads < 0:
             raise ConfigError("backend.options.threads must be >= 0")
+        if self.cuda_graph_max_batch < 1:
+            raise ConfigError("backend.options.cuda_graph_max_batch must be >= 1")
         if self.linear not in ("auto", "aten", "onednn"):
             raise ConfigError(f"backend.options.linear must be auto, aten or onednn, got '{self.linear}'")
 
@@ -64,20 +70,32 @@ class TorchRunner(Runner):
             prepack_linears(self.model)
         self.keys: list = []
         self.values: list = []
+        self.graphs = None  # DecodeGraphs over the current KV buffers (CUDA only)
 
     def _close_impl(self) -> None:
-        self.model = None
+        self.model = self.graphs = None
+        self.keys, self.values = [], []
 
     # ----- KV cache ----------------------------------------------------------
     def _allocate_kv_impl(self, num_slots: int, max_seq_len: int) -> None:
+        from .cuda_graphs import DecodeGraphs, bucket_for, graph_buckets
+
         cfg = self.config.model.config
-        shape = (num_slots, cfg.n_head, max_seq_len, cfg.head_dim)
+        buckets = graph_buckets(self.options.cuda_graph_max_batch) if self._use_graphs else ()
+        # With graphs, rows up to the bucket above num_slots exist as padding.
+        rows = bucket_for(num_slots, buckets) or num_slots
+        shape = (rows, cfg.n_head, max_seq_len, cfg.head_dim)
         if self.keys and tuple(self.keys[0].shape) == shape:
-            pass  # same geometry as the last batch: reuse the buffers
+            pass  # same geometry as the last batch: reuse the buffers (and graphs)
         else:
-            empty = self.torch.empty
-            self.keys = [empty(shape, dtype=self.dtype, device=self.config.device) for _ in range(cfg.n_layer)]
-            self.values = [empty(shape, dtype=self.dtype, device=self.config.device) for _ in range(cfg.n_layer)]
+            self.keys = self.values = []
+            self.graphs = None
+            # Graphs attend over the whole length: unwritten positions must hold finite values.
+            alloc = self.torch.zeros if buckets else self.torch.empty
+            self.keys = [alloc(shape, dtype=self.dtype, device=self.config.device) for _ in range(cfg.n_layer)]
+            self.values = [alloc(shape, dtype=self.dtype, device=self.config.device) for _ in range(cfg.n_layer)]
+            if buckets:
+                self.graphs = DecodeGraphs(self.model, self.keys, self.values, buckets)
         # Row r of every buffer holds slot layout[r]; steps run on the first n rows.
         self.layout = list(range(num_slots))
 
@@ -91,6 +109,8 @@ class TorchRunner(Runner):
         from mini_engine.model.gpt2 import BufferKV
 
         n = self._bring_to_front(step.slot_ids)
+        if self.graphs is not None and self.graphs.handles(step):
+            return self.graphs.run(step)
         dev = self.config.device
         ids = torch.from_numpy(step.input_ids).to(dev)
         pos = torch.from_numpy(step.position_ids).to(dev)
@@ -110,7 +130,8 @@ class TorchRunner(Runner):
         new_layout = wanted + [s for s in self.layout if s not in chosen]
         perm = self.torch.tensor([self.layout.index(s) for s in new_layout], device=self.config.device)
         for buf in self.keys + self.values:
-            buf.copy_(buf.index_select(0, perm))
+            rows = buf[:len(perm)]  # padding rows (CUDA graphs) stay where they are
+            rows.copy_(rows.index_select(0, perm))
         self.layout = new_layout
         return n
 
@@ -119,4 +140,9 @@ class TorchRunner(Runner):
         if self.is_loaded:
             info["threads"] = self.torch.get_num_threads()
             info["torch"] = self.torch.__version__
+            info["cuda_graphs"] = self.graphs.describe() if self.graphs is not None else None
         return info
+
+    @property
+    def _use_graphs(self) -> bool:
+        return self.config.device.startswith("cuda") and not self.options.enforce_eager

@@ -1,8 +1,4 @@
-"""TensorRT backend (implementation lands with the GPU issue)."""
-from mini_engine.runner import NotImplementedRunner
+"""TensorRT backend: runs a plan built from the ONNX export (TensorRT 10 API)."""
+from .runner import TensorRTOptions, TensorRTRunner
 
-
-class TensorRTRunner(NotImplementedRunner):
-    name = "tensorrt"
-    supported_devices = ("cuda",)
-    planned_in = "TensorRT engine export + backend issue"
+__all__ = ["TensorRTRunner", "TensorRTOptions"]
