@@ -9,6 +9,8 @@ distort each other, the median of --runs timed runs after a warm-up.
         --targets hf:cpu,torch:cpu,onnxruntime:cpu --out result/cpu/generate_bench
 
 Throughput = batch x new tokens / wall time of the whole generation (prefill included).
+For mini-engine targets the last run is split into prefill, the median decode step, and
+engine overhead (wall time not spent inside Runner.execute: sampling, bookkeeping).
 """
 from __future__ import annotations
 
@@ -33,7 +35,10 @@ def parse_args(argv=None):
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--dtype", default="float32")
     p.add_argument("--set", dest="overrides", action="append", default=[],
-                   help="config override for mini-engine targets, e.g. backend.options.linear=aten")
+                   help="config override for every mini-engine target, e.g. generation.seed=0")
+    p.add_argument("--option", dest="options", action="append", default=[], metavar="BACKEND.KEY=VALUE",
+                   help="backend option for that backend's targets only, e.g. torch.linear=aten or "
+                        "onnxruntime.onnx_path=\"exports/gpt2\"")
     p.add_argument("--out", default=None, help="write OUT.json and OUT.md")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--batch", type=int, default=None, help=argparse.SUPPRESS)
@@ -99,23 +104,40 @@ def worker_engine(args, backend: str, device: str) -> dict:
     from mini_engine.sampling import SamplingParams
     from mini_engine.sequence import Sequence
 
-    cfg = load_config(None, args.overrides, **{"model.source": args.model, "backend.name": backend,
+    options = [f"backend.options.{o.partition('.')[2]}" for o in args.options if o.startswith(backend + ".")]
+    cfg = load_config(None, args.overrides + options, **{"model.source": args.model, "backend.name": backend,
                                                "backend.device": device, "model.dtype": args.dtype,
                                                "batching.max_batch_size": args.batch})
     engine = Engine(config=cfg)
     params = SamplingParams(max_new_tokens=args.new_tokens, ignore_eos=True)
     batch = prompts(args.batch, args.prompt_len)
     ttft = []
+    steps: list[tuple[int, float]] = []  # (new tokens per row, seconds) of every runner call
+    execute = engine.runner.execute
+
+    def timed_execute(step):
+        t = time.perf_counter()
+        out = execute(step)
+        steps.append((step.seq_len, time.perf_counter() - t))
+        return out
+
+    engine.runner.execute = timed_execute  # where the time goes: runner vs engine (sampling, bookkeeping)
 
     def run():
+        steps.clear()
         seqs = [Sequence(i, "", ids) for i, ids in enumerate(batch)]
         done = engine.generate_batch(seqs, params)
         assert all(len(c.token_ids) == args.new_tokens for c in done)
         ttft.append(done[0].ttft_ms)
 
     times = time_runs(run, args.runs)
+    decode = [s for n, s in steps if n == 1]
     return {"times_s": times, "ttft_ms": statistics.median(ttft[1:]), "runner": engine.runner.describe(),
-            "weight_bytes": engine.runner.weight_bytes}
+            "weight_bytes": engine.runner.weight_bytes,
+            # from the last run: prefill, median decode step, and what the runner did not spend
+            "prefill_ms": sum(s for n, s in steps if n > 1) * 1e3,
+            "decode_step_ms": statistics.median(decode) * 1e3 if decode else None,
+            "engine_overhead_ms": (times[-1] - sum(s for _, s in steps)) * 1e3}
 
 
 def run_worker(args) -> None:
@@ -135,7 +157,8 @@ def main(argv=None) -> int:
         for batch in [int(b) for b in args.batch_sizes.split(",")]:
             cmd = [sys.executable, __file__, "--worker", target, "--batch", str(batch), "--model", args.model,
                    "--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens),
-                   "--runs", str(args.runs), "--dtype", args.dtype] + [f"--set={o}" for o in args.overrides]
+                   "--runs", str(args.runs), "--dtype", args.dtype] + [f"--set={o}" for o in args.overrides] \
+                + [f"--option={o}" for o in args.options]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode != 0:
                 reason = (proc.stderr.strip().splitlines() or ["failed"])[-1]
@@ -156,7 +179,8 @@ def main(argv=None) -> int:
               "machine": {"platform": platform.platform(), "processor": platform.processor(),
                           "cpus": __import__("os").cpu_count()},
               "settings": {"model": args.model, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
-                           "runs": args.runs, "dtype": args.dtype, "overrides": args.overrides},
+                           "runs": args.runs, "dtype": args.dtype, "overrides": args.overrides,
+                           "options": args.options},
               "rows": rows}
     if args.out:
         out = Path(args.out)
@@ -172,7 +196,8 @@ def markdown(report: dict) -> str:
     lines = [f"Greedy generation, {s['model']} {s['dtype']}, prompt {s['prompt_len']} tokens, "
              f"{s['new_tokens']} new tokens, median of {s['runs']} runs.", "",
              f"Command: `python {report['command']}`", "",
-             "| target | batch | tokens/s | runs (tokens/s) | vs hf |", "|---|---:|---:|---|---:|"]
+             "| target | batch | tokens/s | runs (tokens/s) | vs hf | prefill ms | decode step ms | engine overhead ms |",
+             "|---|---:|---:|---|---:|---:|---:|---:|"]
     hf = {r["batch_size"]: r["tokens_per_s"] for r in report["rows"]
           if r["target"].startswith("hf") and r["status"] == "ok"}
     for r in report["rows"]:
@@ -180,8 +205,10 @@ def markdown(report: dict) -> str:
             lines.append(f"| {r['target']} | {r['batch_size']} | skipped: {r['reason']} | | |")
             continue
         ratio = f"{r['tokens_per_s'] / hf[r['batch_size']]:.2f}x" if r["batch_size"] in hf else "-"
+        extra = " | ".join("-" if r.get(k) is None else f"{r[k]:.1f}"
+                           for k in ("prefill_ms", "decode_step_ms", "engine_overhead_ms"))
         lines.append(f"| {r['target']} | {r['batch_size']} | {r['tokens_per_s']:.1f} | "
-                     f"{', '.join(map(str, r['tokens_per_s_runs']))} | {ratio} |")
+                     f"{', '.join(map(str, r['tokens_per_s_runs']))} | {ratio} | {extra} |")
     return "\n".join(lines) + "\n"
 
 

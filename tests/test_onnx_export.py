@@ -101,12 +101,11 @@ def test_optimize_reports_fusions_and_still_validates(tmp_path):
                    "torchscript", check=True)
     assert "validation passed" in proc.stderr
     opt = json.loads((out / "manifest.json").read_text())["optimization"]
-    if opt["applied"]:
-        assert "fused operators:" in proc.stderr and opt["fused"]
-        ops = {n.op_type for n in onnx.load(str(out / "model.onnx")).graph.node}
-        assert ops & {"SkipLayerNormalization", "FastGelu", "Gelu", "BiasGelu"}
-    else:  # the documented fallback: the plain graph is kept and the reason recorded
-        assert "keeping the unoptimized graph" in proc.stderr and opt["error"]
+    # The gpt2 fusion pass crashes on a bias-free lm_head; the generic pass must then be applied.
+    assert opt["applied"], opt
+    assert "fused operators (" in proc.stderr and opt["fused"]
+    ops = {n.op_type for n in onnx.load(str(out / "model.onnx")).graph.node}
+    assert ops & {"SkipLayerNormalization", "FastGelu", "Gelu", "BiasGelu"}
 
 
 def test_fp16_export_keeps_logits_float32(tmp_path):
