@@ -43,7 +43,7 @@ class BenchSpec:
     trials: int = 0
     prompt_len: int = 8
     max_new_tokens: int = 16
-    concurrency: int | None = None  # closed loop clients; None = max(batch_sizes)
+    concurrency: int | None = None  # closed loop clients; None = 2 * max(batch_sizes)
     request_rate: float | None = None  # open loop (Poisson) arrivals per second
     warmup: int | None = None  # requests per point before measuring; None = one full batch
     top_k: int = 5
@@ -76,8 +76,10 @@ class BenchSpec:
         if self.warmup is not None and self.warmup < 0:
             raise ConfigError(f"--warmup must be >= 0, got {self.warmup}")
         if self.request_rate is None and self.concurrency is None:
-            # Enough clients to keep the largest batch full.
-            self.concurrency = max(self.batch_sizes)
+            # Enough clients to keep the largest batch full. Exactly max(batch_sizes) is
+            # not: a closed loop then settles into two half-size groups that take turns
+            # (one group resubmits while the other runs), measured as mean batch 8 of 16.
+            self.concurrency = 2 * max(self.batch_sizes)
 
     @property
     def generates(self) -> bool:

@@ -32,7 +32,7 @@ from .common import note_random
 @click.option("--prompt-len", type=int, default=8, show_default=True, help="Tokens per prompt.")
 @click.option("--max-new-tokens", type=int, default=16, show_default=True, help="Tokens per generation.")
 @click.option("--concurrency", type=int, default=None,
-              help="Closed loop: concurrent clients [default: the largest batch size].")
+              help="Closed loop: concurrent clients [default: twice the largest batch size, which keeps it full].")
 @click.option("--request-rate", type=float, default=None, help="Open loop: Poisson arrivals per second.")
 @click.option("--warmup", type=int, default=None, help="Unmeasured requests per point [one full batch].")
 @click.option("--top-k", type=int, default=5, show_default=True, help="Candidates returned per scored prompt.")
