@@ -66,8 +66,13 @@ def closed_loop(submit: SubmitFn, to_record: ToRecord, requests: int, concurrenc
     lock = threading.Lock()
     next_index = iter(range(requests))
     run = Run([], 0.0)
+    clients = min(concurrency, requests)
+    # Clients start together: started one by one, the first few would reach an idle
+    # runner alone and the opening batch would measure thread start-up, not the load.
+    start = threading.Barrier(clients)
 
     def client():
+        start.wait()
         while True:
             with lock:
                 i = next(next_index, None)
@@ -77,7 +82,7 @@ def closed_loop(submit: SubmitFn, to_record: ToRecord, requests: int, concurrenc
             if on_answer:
                 on_answer()
 
-    threads = [threading.Thread(target=client, daemon=True) for _ in range(min(concurrency, requests))]
+    threads = [threading.Thread(target=client, daemon=True) for _ in range(clients)]
     t0 = time.perf_counter()
     for t in threads:
         t.start()
