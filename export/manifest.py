@@ -6,7 +6,7 @@ The contract (shared by the ONNX Runtime and TensorRT backends):
              position_ids               int64  [batch, seq]
              attention_mask             int64  [batch, total_seq]      total_seq = past + seq
              past_key_values.{i}.key    float  [batch, n_head, past, head_dim]   (also .value)
-    outputs  logits                     float32 [batch, seq, vocab]
+    outputs  logits                     float32 [batch, seq, vocab]   ([batch, 1, vocab] for --logits last)
              present.{i}.key            float  [batch, n_head, total_seq, head_dim]   (also .value)
 
 The first step feeds zero-length past tensors. `float` is float32, or float16 for
@@ -44,7 +44,10 @@ def output_names(n_layer: int) -> list[str]:
     return ["logits"] + [f"present.{i}.{kv}" for i in range(n_layer) for kv in ("key", "value")]
 
 
-def io_contract(cfg: GPT2Config, precision: str) -> dict[str, list[dict[str, Any]]]:
+LOGITS_MODES = ("all", "last")
+
+
+def io_contract(cfg: GPT2Config, precision: str, logits: str = "all") -> dict[str, list[dict[str, Any]]]:
     """Names, symbolic shapes and dtypes of every graph input and output."""
     kv = "float16" if precision == "float16" else "float32"
     heads = [cfg.n_head, None, cfg.head_dim]
@@ -55,15 +58,19 @@ def io_contract(cfg: GPT2Config, precision: str) -> dict[str, list[dict[str, Any
     inputs = [spec("input_ids", ["batch", "seq"], "int64"), spec("position_ids", ["batch", "seq"], "int64"),
               spec("attention_mask", ["batch", "total_seq"], "int64")]
     inputs += [spec(n, ["batch", heads[0], "past", heads[2]], kv) for n in input_names(cfg.n_layer)[3:]]
-    outputs = [spec("logits", ["batch", "seq", cfg.vocab_size], "float32")]
+    outputs = [spec("logits", ["batch", "seq" if logits == "all" else 1, cfg.vocab_size], "float32")]
     outputs += [spec(n, ["batch", heads[0], "total_seq", heads[2]], kv) for n in output_names(cfg.n_layer)[1:]]
     return {"inputs": inputs, "outputs": outputs}
 
 
-def export_request(source: ModelSource, opset: int, precision: str, optimize: bool, exporter: str) -> dict:
+def export_request(source: ModelSource, opset: int, precision: str, optimize: bool, exporter: str,
+                   logits: str = "all") -> dict:
     """What identifies an export: re-running with an equal request reuses the files."""
-    return {"model_fingerprint": source.fingerprint(), "opset": opset, "precision": precision,
-            "optimize": optimize, "exporter": exporter, "format": FORMAT_VERSION}
+    request = {"model_fingerprint": source.fingerprint(), "opset": opset, "precision": precision,
+               "optimize": optimize, "exporter": exporter, "format": FORMAT_VERSION}
+    if logits != "all":  # absent = all, so exports made before the option still match
+        request["logits"] = logits
+    return request
 
 
 def sha256(path: Path) -> str:
@@ -97,7 +104,7 @@ def build_manifest(source: ModelSource, directory: Path, request: dict, optimiza
         "exporter": request["exporter"],
         "precision": request["precision"],
         "optimization": optimization,
-        "io": io_contract(source.config, request["precision"]),
+        "io": io_contract(source.config, request["precision"], request.get("logits", "all")),
         "versions": versions(),
         "files": {"model": MODEL_FILE},
         "sha256": {name: sha256(directory / name) for name in files},
@@ -133,6 +140,11 @@ class Manifest:
     @property
     def precision(self) -> str:
         return self.data.get("precision", "float32")
+
+    @property
+    def logits(self) -> str:
+        """"all" ([batch, seq, vocab]) or "last" ([batch, 1, vocab])."""
+        return self.data.get("request", {}).get("logits", "all")
 
     def problems(self, full_hash: bool = False) -> list[str]:
         """What is missing, truncated or changed since the export; empty when intact."""

@@ -52,7 +52,7 @@ class ExportResult:
 
 def export_onnx(source: ModelSource, out: Path, opset: int = DEFAULT_OPSET, optimize: bool = False,
                 fp16: bool = False, validate: bool = True, force: bool = False, exporter: str = "dynamo",
-                log: Callable[[str], None] = lambda s: None) -> ExportResult:
+                logits: str = "all", log: Callable[[str], None] = lambda s: None) -> ExportResult:
     """Export `source` into directory `out` (reusing an identical earlier export unless `force`)."""
     if source.kind == "onnx":
         raise ConfigError(f"'{source.spec}' is already an ONNX export; pass the checkpoint or random:<preset>")
@@ -60,9 +60,11 @@ def export_onnx(source: ModelSource, out: Path, opset: int = DEFAULT_OPSET, opti
         raise ConfigError(f"exporter must be one of {', '.join(EXPORTERS)}, got '{exporter}'")
     if not 14 <= opset <= 23:
         raise ConfigError(f"--opset must be in 14..23 (LayerNormalization needs 17+ to stay one op), got {opset}")
+    if logits not in mf.LOGITS_MODES:
+        raise ConfigError(f"logits must be one of {', '.join(mf.LOGITS_MODES)}, got '{logits}'")
     out = Path(out).expanduser()
     precision = "float16" if fp16 else "float32"
-    request = mf.export_request(source, opset, precision, optimize, exporter)
+    request = mf.export_request(source, opset, precision, optimize, exporter, logits)
     existing = mf.Manifest.read(out) if out.is_dir() else None
     if existing is not None and not force:
         if existing.matches(request) and (existing.data.get("validation") or {}).get("passed", True):
@@ -98,6 +100,7 @@ def _export_into(source: ModelSource, tmp: Path, request: dict, optimize: bool, 
                  exporter: str, log) -> ExportResult:
     import onnx
 
+    from mini_engine.model.gpt2 import LastPositionLogits
     from mini_engine.model.weights import build_model
 
     cfg = source.config
@@ -105,7 +108,9 @@ def _export_into(source: ModelSource, tmp: Path, request: dict, optimize: bool, 
     model = build_model(source, "float32", "cpu")
     t0 = time.perf_counter()
     log(f"exporting {source.spec} with the {exporter} exporter (opset {request['opset']})...")
-    proto = _torch_export(model, cfg, request["opset"], exporter, tmp)
+    last = request.get("logits") == "last"
+    exported = LastPositionLogits(model) if last else model
+    proto = _torch_export(exported, cfg, request["opset"], exporter, tmp, last)
     tie_lm_head(proto, cfg)
     _name_total_seq(proto, cfg)
     path = tmp / mf.MODEL_FILE
@@ -155,7 +160,7 @@ def _sample_inputs(cfg):
     return ids, pos, mask, past
 
 
-def _torch_export(model, cfg, opset: int, exporter: str, tmp: Path):
+def _torch_export(model, cfg, opset: int, exporter: str, tmp: Path, last_logits: bool = False):
     import logging
     import warnings
 
@@ -182,7 +187,8 @@ def _torch_export(model, cfg, opset: int, exporter: str, tmp: Path):
                                             output_names=names_out, dynamic_shapes=shapes, verbose=False)
                 return program.model_proto
             axes = {"input_ids": {0: "batch", 1: "seq"}, "position_ids": {0: "batch", 1: "seq"},
-                    "attention_mask": {0: "batch", 1: "total_seq"}, "logits": {0: "batch", 1: "seq"}}
+                    "attention_mask": {0: "batch", 1: "total_seq"},
+                    "logits": {0: "batch"} if last_logits else {0: "batch", 1: "seq"}}
             axes.update({n: {0: "batch", 2: "past"} for n in names_in[3:]})
             axes.update({n: {0: "batch", 2: "total_seq"} for n in names_out[1:]})
             raw = tmp / "torchscript.onnx"

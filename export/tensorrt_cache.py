@@ -36,6 +36,11 @@ def onnx_for(source: ModelSource, dtype: str, root: Path, log=lambda s: None) ->
         from .manifest import Manifest
 
         manifest = Manifest.read(source.path)
+        if manifest is not None and manifest.logits != "all":
+            # The runner and the parity check read every position's logits from the engine.
+            raise ConfigError(f"'{source.spec}' was exported with --logits {manifest.logits}; TensorRT plans are "
+                              f"built from exports with every position's logits: re-export it with "
+                              f"`mini-engine export onnx --logits all`")
         precision = manifest.precision if manifest else "float32"
         recorded = (manifest.data.get("sha256", {}) if manifest else {}).get(source.onnx_file.name)
         return source.onnx_file, precision, recorded or file_sha256(source.onnx_file)

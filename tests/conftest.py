@@ -56,3 +56,11 @@ def hf_model(hf_dir):
     from transformers import GPT2LMHeadModel
 
     return GPT2LMHeadModel.from_pretrained(hf_dir).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_last_export(tmp_path_factory):
+    """random:tiny exported with --logits last (and validated), with the CLI's output."""
+    out = tmp_path_factory.mktemp("exports") / "tiny-last"
+    proc = run_cli("export", "onnx", "--model", "random:tiny", "--out", out, "--logits", "last", check=True)
+    return out, proc

@@ -53,6 +53,33 @@ def test_manifest_records_what_was_exported(tiny_export):
     assert m.problems(full_hash=True) == []
 
 
+def test_last_position_logits_export(tiny_export, tiny_last_export):
+    """--logits last: [batch, 1, vocab], validated, equal to the final position of a full export."""
+    import onnxruntime as ort
+
+    from mini_engine_export.manifest import Manifest
+
+    out, proc = tiny_last_export
+    assert "validation passed" in proc.stderr
+    model = onnx.load(str(out / "model.onnx"))
+    assert graph_dims(model.graph.output[0]) == ["batch", 1, 50257]
+    m = Manifest.read(out)
+    assert m.logits == "last" and m.data["io"]["outputs"][0]["shape"] == ["batch", 1, 50257]
+    assert Manifest.read(tiny_export[0]).logits == "all"
+    rng = np.random.default_rng(1)
+    mask = np.ones((2, 5), dtype=np.int64)
+    mask[0, :2] = 0  # left padding
+    feeds = {"input_ids": rng.integers(0, 50257, (2, 5)), "position_ids": np.clip(np.cumsum(mask, 1) - 1, 0, None),
+             "attention_mask": mask}
+    feeds |= {f"past_key_values.{i}.{kv}": np.zeros((2, 4, 0, 16), np.float32) for i in range(2)
+              for kv in ("key", "value")}
+    full, last = (ort.InferenceSession(str(d / "model.onnx")).run(None, feeds) for d in (tiny_export[0], out))
+    assert full[0].shape == (2, 5, 50257) and last[0].shape == (2, 1, 50257)
+    np.testing.assert_allclose(last[0][:, 0], full[0][:, -1], atol=1e-5, rtol=0)
+    for a, b in zip(full[1:], last[1:]):
+        np.testing.assert_allclose(a, b, atol=1e-6, rtol=0)
+
+
 def test_reuse_then_settings_mismatch_then_force(tiny_export, tmp_path):
     import shutil
 

@@ -88,6 +88,24 @@ def test_any_model_spec_is_exported_on_first_use(ort_cache):
     assert json.loads(proc.stdout)["token_ids"] == a.token_ids and "reusing the export" in proc.stderr
 
 
+def test_last_position_export_generates_like_torch_and_refuses_all_logits(tiny_last_export):
+    from mini_engine import Engine
+    from mini_engine.errors import MiniEngineError
+    from mini_engine.runner import StepInput
+
+    out, _ = tiny_last_export
+    with Engine(model="random:tiny", backend="torch") as engine:
+        ref = engine.generate(PROMPTS, max_new_tokens=8, ignore_eos=True)
+    with Engine(model=str(out), backend="onnxruntime") as engine:
+        got = engine.generate(PROMPTS, max_new_tokens=8, ignore_eos=True)
+        ids = np.array([[15496, 995, 11]])
+        runner = engine.runner
+        runner.allocate_kv(1, 8)
+        with pytest.raises(MiniEngineError, match="--logits all"):
+            runner.execute(StepInput(ids, np.arange(3)[None], np.ones((1, 3), np.int64), [0], 0, logits="all"))
+    assert [c.token_ids for c in got] == [c.token_ids for c in ref]
+
+
 def test_onnx_file_path_and_options(hf_export):
     proc = run_cli("generate", "--backend", "onnxruntime", "--model", hf_export / "model.onnx", "-n", 4, "--json",
                    "--set", "backend.options.intra_op_threads=1", "--set", "backend.options.allow_spinning=off",

@@ -245,6 +245,14 @@ def test_cli_without_tensorrt_fails_in_one_line(tmp_path):
                     "does not support device 'cpu'")
 
 
+def test_last_position_export_is_refused_for_tensorrt(tiny_last_export, tmp_path):
+    from mini_engine.model.source import resolve_model
+    from mini_engine_export.tensorrt_cache import onnx_for
+
+    with pytest.raises(ConfigError, match="--logits all"):
+        onnx_for(resolve_model(str(tiny_last_export[0])), "float32", tmp_path)
+
+
 def test_cli_bad_export_flags_fail_in_one_line(tmp_path):
     plan = tmp_path / "m.plan"
     _one_line_error(run_cli("export", "tensorrt", "--model", "random:tiny", "--onnx", tmp_path, "--out", plan),

@@ -32,6 +32,9 @@ class OrtOptions:
     allow_spinning: str = "auto"  # auto | on | off
     onnx_path: str = ""  # an export directory or .onnx file; "" = model.source (exported on first use)
     optimize: bool = False  # apply ORT's transformer fusions when exporting on first use
+    # Logits output of the graph exported on first use: "last" skips the lm_head on every
+    # position but the final one (what generation and scoring read); "all" for every position.
+    logits: str = "last"
     cache_dir: str = ""  # "" = $MINI_ENGINE_CACHE or ~/.cache/mini-engine
     trt_engine_cache: str = ""  # TensorrtExecutionProvider engine cache; "" = <cache_dir>/tensorrt
     trt_fp16: bool = False
@@ -48,6 +51,8 @@ class OrtOptions:
                               f"got '{self.graph_optimization_level}'")
         if self.allow_spinning not in ("auto", "on", "off"):
             raise ConfigError(f"backend.options.allow_spinning must be auto, on or off, got '{self.allow_spinning}'")
+        if self.logits not in ("all", "last"):
+            raise ConfigError(f"backend.options.logits must be all or last, got '{self.logits}'")
         if self.trt_max_batch_size < 1 or self.trt_max_seq_len < 0:
             raise ConfigError("backend.options.trt_max_batch_size must be >= 1 and trt_max_seq_len >= 0")
 
@@ -136,13 +141,14 @@ class OrtRunner(Runner):
         from mini_engine_export.onnx_export import DEFAULT_OPSET, export_onnx
 
         precision = "float16" if self.config.dtype == "float16" else "float32"
-        request = export_request(source, DEFAULT_OPSET, precision, self.options.optimize, "dynamo")
+        request = export_request(source, DEFAULT_OPSET, precision, self.options.optimize, "dynamo",
+                                 self.options.logits)
         key = hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()[:16]
         out = self.cache_root / "onnx" / key
         import click
 
         result = export_onnx(source, out, opset=DEFAULT_OPSET, optimize=self.options.optimize,
-                             fp16=precision == "float16", validate=True,
+                             fp16=precision == "float16", validate=True, logits=self.options.logits,
                              log=lambda line: click.echo(f"[onnx export] {line}", err=True))
         return result.manifest
 
@@ -187,6 +193,10 @@ class OrtRunner(Runner):
         from onnxruntime import OrtValue
 
         b = step.batch_size
+        if step.logits == "all" and step.seq_len > 1 and self.export.logits == "last":
+            raise MiniEngineError(f"the export in '{self.export.directory}' returns last-position logits only; "
+                                  f"for every position use an export made with --logits all "
+                                  f"(backend.options.logits = \"all\")")
         if step.past_len == 0:
             cfg = self.config.model.config
             empty = OrtValue.ortvalue_from_shape_and_type([b, cfg.n_head, 0, cfg.head_dim], self.kv_dtype,

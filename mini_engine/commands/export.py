@@ -23,8 +23,11 @@ def command():
 @click.option("--force", is_flag=True, help="Re-export even when OUT holds an identical export.")
 @click.option("--exporter", type=click.Choice(["dynamo", "torchscript"]), default="dynamo", show_default=True,
               help="torch.onnx exporter.")
+@click.option("--logits", "logits", type=click.Choice(["all", "last"]), default="all", show_default=True,
+              help="Logits output: every position [batch, seq, vocab], or the last one [batch, 1, vocab] "
+                   "(less work at prefill; what generation reads; not for TensorRT).")
 def onnx(config_path, overrides, model, backend, device, dtype, out, opset, optimize, fp16, validate, force,
-         exporter):
+         exporter, logits):
     """Export the engine's GPT-2 forward with a KV cache to OUT/model.onnx."""
     from pathlib import Path
 
@@ -35,7 +38,7 @@ def onnx(config_path, overrides, model, backend, device, dtype, out, opset, opti
     source = resolve_model(cfg.model.source)
     note_random(cfg.model.source)
     result = export_onnx(source, Path(out), opset=opset or DEFAULT_OPSET, optimize=optimize, fp16=fp16,
-                         validate=validate, force=force, exporter=exporter, log=lambda s: click.echo(s, err=True))
+                         validate=validate, force=force, exporter=exporter, logits=logits, log=lambda s: click.echo(s, err=True))
     click.echo(str(result.model_file))
 
 

@@ -126,6 +126,24 @@ class GPT2(nn.Module):
         return self.lm_head(self.ln_f(x)).float()
 
 
+class LastPositionLogits(nn.Module):
+    """GPT2.forward with logits for the final position only, as [B, 1, V].
+
+    Rows are left-padded, so the final position is every row's newest token: all that
+    generation and scoring read. Skipping the lm_head on the other positions saves
+    2 x seq x 38.6M FLOPs per row and a [B, T, 50257] float32 output at prefill.
+    """
+
+    def __init__(self, model: GPT2):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, position_ids, attention_mask, past_key_values=None):
+        kv = ConcatKV(past_key_values)
+        logits = self.model.step(input_ids, position_ids, attention_mask, kv, last_only=True)
+        return logits[:, None, :], kv.present
+
+
 def additive_mask(attention_mask: torch.Tensor, q_len: int, dtype: torch.dtype) -> torch.Tensor:
     """[B, 1, T, P+T] additive mask: causal over absolute positions, padding keys masked.
 
