@@ -51,8 +51,10 @@ class OrtOptions:
                               f"got '{self.graph_optimization_level}'")
         if self.allow_spinning not in ("auto", "on", "off"):
             raise ConfigError(f"backend.options.allow_spinning must be auto, on or off, got '{self.allow_spinning}'")
-        if self.logits not in ("all", "last"):
-            raise ConfigError(f"backend.options.logits must be all or last, got '{self.logits}'")
+        from mini_engine_export.manifest import LOGITS_MODES
+
+        if self.logits not in LOGITS_MODES:
+            raise ConfigError(f"backend.options.logits must be one of {', '.join(LOGITS_MODES)}, got '{self.logits}'")
         if self.trt_max_batch_size < 1 or self.trt_max_seq_len < 0:
             raise ConfigError("backend.options.trt_max_batch_size must be >= 1 and trt_max_seq_len >= 0")
 

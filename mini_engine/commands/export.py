@@ -38,7 +38,8 @@ def onnx(config_path, overrides, model, backend, device, dtype, out, opset, opti
     source = resolve_model(cfg.model.source)
     note_random(cfg.model.source)
     result = export_onnx(source, Path(out), opset=opset or DEFAULT_OPSET, optimize=optimize, fp16=fp16,
-                         validate=validate, force=force, exporter=exporter, logits=logits, log=lambda s: click.echo(s, err=True))
+                         validate=validate, force=force, exporter=exporter, logits=logits,
+                         log=lambda s: click.echo(s, err=True))
     click.echo(str(result.model_file))
 
 
