@@ -28,7 +28,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="random:gpt2")
     p.add_argument("--targets", default="hf:cpu,torch:cpu",
-                   help="comma list of BACKEND:DEVICE; 'hf' is transformers.generate()")
+                   help="comma list of BACKEND:DEVICE[@KEY=VALUE...]; 'hf' is transformers.generate(); "
+                        "@KEY=VALUE sets a backend option for that target, e.g. torch:cpu@gemv=off")
     p.add_argument("--batch-sizes", default="1,16")
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=64)
@@ -99,12 +100,13 @@ def worker_hf(args, device: str) -> dict:
             "library": f"transformers {__import__('transformers').__version__}, torch {torch.__version__}"}
 
 
-def worker_engine(args, backend: str, device: str) -> dict:
+def worker_engine(args, backend: str, device: str, target_options: list[str]) -> dict:
     from mini_engine import Engine, load_config
     from mini_engine.sampling import SamplingParams
     from mini_engine.sequence import Sequence
 
     options = [f"backend.options.{o.partition('.')[2]}" for o in args.options if o.startswith(backend + ".")]
+    options += [f"backend.options.{o}" for o in target_options]
     cfg = load_config(None, args.overrides + options, **{"model.source": args.model, "backend.name": backend,
                                                "backend.device": device, "model.dtype": args.dtype,
                                                "batching.max_batch_size": args.batch})
@@ -141,9 +143,10 @@ def worker_engine(args, backend: str, device: str) -> dict:
 
 
 def run_worker(args) -> None:
-    backend, _, device = args.worker.partition(":")
+    target, *target_options = args.worker.split("@")
+    backend, _, device = target.partition(":")
     device = device or "cpu"
-    result = worker_hf(args, device) if backend == "hf" else worker_engine(args, backend, device)
+    result = worker_hf(args, device) if backend == "hf" else worker_engine(args, backend, device, target_options)
     print(json.dumps(result))
 
 

@@ -29,7 +29,7 @@ def main() -> None:
     from mini_engine.model.gpt2 import ConcatKV
     from mini_engine.model.source import resolve_model
     from mini_engine.model.weights import build_model
-    from mini_engine_backends.pytorch.onednn import prepack_linears
+    from mini_engine_backends.pytorch.linears import prepack_linears
 
     source = resolve_model(args.model)
     cfg = source.config

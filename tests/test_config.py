@@ -57,3 +57,8 @@ def test_backend_options_validated_by_backend():
         TorchRunner(RunnerConfig(model=resolve_model("random:tiny"), options={"turbo": True}))
     with pytest.raises(ConfigError, match="linear must be"):
         TorchRunner(RunnerConfig(model=resolve_model("random:tiny"), options={"linear": "fast"}))
+    with pytest.raises(ConfigError, match="gemv must be"):
+        TorchRunner(RunnerConfig(model=resolve_model("random:tiny"), options={"gemv": "mkl"}))
+    runner = TorchRunner(RunnerConfig(model=resolve_model("random:tiny"), dtype="bfloat16", options={"gemv": "blas"}))
+    with pytest.raises(ConfigError, match="gemv = 'blas' needs device cpu and dtype float32"):
+        runner.load()

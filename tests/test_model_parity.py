@@ -10,9 +10,10 @@ from mini_engine_backends.pytorch import TorchRunner
 ATOL = 1e-4
 
 
-@pytest.fixture(params=["onednn", "aten"])
+@pytest.fixture(params=[{"linear": "onednn"}, {"linear": "aten"}, {"linear": "onednn", "gemv": "off"}],
+                ids=["onednn+gemv", "aten+gemv", "onednn"])
 def runner(request, hf_dir):
-    r = TorchRunner(RunnerConfig(model=resolve_model(str(hf_dir)), options={"linear": request.param}))
+    r = TorchRunner(RunnerConfig(model=resolve_model(str(hf_dir)), options=request.param))
     with r:
         yield r
 
@@ -44,6 +45,20 @@ def test_step_by_step_kv_cache(runner, hf_model):
     for t in range(5, 11):
         out = runner.execute(StepInput(ids[:, t:t + 1], np.full((2, 1), t), np.ones((2, t + 1), np.int64), [0, 1], t))
         assert np.abs(out - ref[:, t]).max() <= ATOL
+
+
+def test_single_row_decode(runner, hf_model):
+    """Batch-1 decode steps take the BLAS GEMV path where enabled; logits match all the same."""
+    rng = np.random.default_rng(3)
+    ids = rng.integers(0, 50257, (1, 9))
+    ref = hf_logits(hf_model, ids, np.ones_like(ids))
+    runner.allocate_kv(1, 9)
+    threads = torch.get_num_threads()
+    runner.execute(StepInput(ids[:, :4], np.arange(4)[None], np.ones((1, 4), np.int64), [0], 0))
+    for t in range(4, 9):
+        out = runner.execute(StepInput(ids[:, t:t + 1], np.full((1, 1), t), np.ones((1, t + 1), np.int64), [0], t))
+        assert np.abs(out - ref[:, t]).max() <= ATOL
+    assert torch.get_num_threads() == threads  # the single-thread GEMV steps restore the pool
 
 
 def test_left_padded_batch_matches_each_prompt_alone(runner, hf_model):

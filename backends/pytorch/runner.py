@@ -1,6 +1,7 @@
 """PyTorch runner: pre-allocated per-slot KV cache, logits for the last position only."""
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -18,6 +19,10 @@ class TorchOptions:
     # which streams weights faster than MKL's GEMV on this class of CPU;
     # "aten" is plain torch.nn.functional.linear. "auto" picks onednn on CPU.
     linear: str = "auto"
+    # CPU float32: steps with a single row (batch-1 decode) run their linears as
+    # numpy/OpenBLAS GEMVs over a second, K-major copy of the weights, which streams
+    # them faster than oneDNN or MKL here. "off" keeps one copy of the weights.
+    gemv: str = "auto"
     # CUDA: decode steps replay CUDA graphs captured per bucketed batch size
     # up to cuda_graph_max_batch; enforce_eager turns that off.
     enforce_eager: bool = False
@@ -30,6 +35,8 @@ class TorchOptions:
             raise ConfigError("backend.options.cuda_graph_max_batch must be >= 1")
         if self.linear not in ("auto", "aten", "onednn"):
             raise ConfigError(f"backend.options.linear must be auto, aten or onednn, got '{self.linear}'")
+        if self.gemv not in ("auto", "blas", "off"):
+            raise ConfigError(f"backend.options.gemv must be auto, blas or off, got '{self.gemv}'")
 
 
 class TorchRunner(Runner):
@@ -64,16 +71,20 @@ class TorchRunner(Runner):
             torch.set_num_threads(self.options.threads)
         self.dtype = torch_dtype(self.config.dtype)
         self.model = build_model(self.config.model, self.config.dtype, device)
-        if device == "cpu" and self.config.dtype == "float32" and self.options.linear in ("auto", "onednn"):
-            from .onednn import prepack_linears
+        self.gemv = None  # GemvSwitch over the model's linears (CPU float32)
+        if self.options.gemv == "blas" and (device != "cpu" or self.config.dtype != "float32"):
+            raise ConfigError("backend.options.gemv = 'blas' needs device cpu and dtype float32; use 'auto'")
+        if device == "cpu" and self.config.dtype == "float32":
+            from .linears import GemvSwitch, replace_linears
 
-            prepack_linears(self.model)
+            self.gemv = GemvSwitch() if self.options.gemv != "off" else None
+            replace_linears(self.model, onednn=self.options.linear != "aten", gemv=self.gemv)
         self.keys: list = []
         self.values: list = []
         self.graphs = None  # DecodeGraphs over the current KV buffers (CUDA only)
 
     def _close_impl(self) -> None:
-        self.model = self.graphs = None
+        self.model = self.graphs = self.gemv = None
         self.keys, self.values = [], []
 
     # ----- KV cache ----------------------------------------------------------
@@ -116,7 +127,8 @@ class TorchRunner(Runner):
         pos = torch.from_numpy(step.position_ids).to(dev)
         mask = torch.from_numpy(step.attention_mask).to(dev)
         kv = BufferKV([k[:n] for k in self.keys], [v[:n] for v in self.values], step.past_len)
-        with torch.inference_mode():
+        single_row = self.gemv is not None and n * step.input_ids.shape[1] == 1
+        with torch.inference_mode(), (self.gemv.engaged() if single_row else nullcontext()):
             logits = self.model.step(ids, pos, mask, kv, last_only=step.logits == "last")
         return logits.cpu().numpy()
 
@@ -140,6 +152,7 @@ class TorchRunner(Runner):
         if self.is_loaded:
             info["threads"] = self.torch.get_num_threads()
             info["torch"] = self.torch.__version__
+            info["gemv"] = "blas" if self.gemv is not None else "off"
             info["cuda_graphs"] = self.graphs.describe() if self.graphs is not None else None
         return info
 
