@@ -8,8 +8,8 @@ each kernel in turn in one process:
     python benchmarks/linear_kernels_bench.py --rows 1,2,4,16
 
 Kernels: plain F.linear (MKL), addmm over a K-major copy (MKL), oneDNN with prepacked weights,
-MKL packed GEMM (what torch.compile's freezing emits), numpy/OpenBLAS over the [N, K] weight and
-over a K-major copy. The torch backend uses oneDNN, and numpy's GEMV for single-row steps.
+MKL packed GEMM (what torch.compile's freezing emits), numpy/OpenBLAS over the [N, K] weight, over
+a K-major copy, and per shape (what the torch backend uses for single-row steps; oneDNN otherwise).
 """
 from __future__ import annotations
 
@@ -38,6 +38,10 @@ def kernels(weights, biases, rows: int) -> dict:
                        for w, b, _, _, q, *_ in zipped],
         "numpy, [N, K]": [lambda x, w=w, b=b: x.numpy() @ w.T + b for *_, w, _, b in zipped],
         "numpy, K-major": [lambda x, w=w, b=b: x.numpy() @ w + b for *_, w, b in zipped],
+        # the torch backend's single-row layout: [N, K] where N < K, else K-major
+        "numpy, per shape": [(lambda x, w=w, b=b: x.numpy() @ w.T + b) if w.shape[0] < w.shape[1]
+                             else (lambda x, kt=kt, b=b: x.numpy() @ kt + b)
+                             for *_, w, kt, b in zipped],
     }
 
 

@@ -6,8 +6,10 @@ the linear weights stream from memory (~500 MB per step for GPT-2 small):
 - MKL's fp32 GEMV (plain `F.linear`) reads them at ~11 GB/s; oneDNN with weights
   reordered once at load time at ~12-15 GB/s, and it is the fastest GEMM here for
   2 rows and more (batched decode, prefill).
-- For a single row (batch-1 decode), numpy's OpenBLAS GEMV over a K-major copy of the
-  weight reads ~19-20 GB/s. It keeps a second copy of every weight, and it only pays
+- For a single row (batch-1 decode), numpy's OpenBLAS GEMV reads ~19-25 GB/s: over a
+  K-major copy of the weight where it has at least as many outputs as inputs, over the
+  [N, K] weight where it has fewer (the MLP's down projection: ~26-30 GB/s against
+  ~16-19 K-major). It keeps a second copy of every weight, and it only pays
   when torch's own OpenMP threads are not spinning on the same cores: `GemvSwitch.engaged`
   runs such steps with one torch intra-op thread (BLAS brings its own threads).
 """
@@ -48,12 +50,14 @@ class CpuLinear(nn.Module):
         self.weight = None if onednn else weight
         self.gemv = gemv
         if gemv is not None:
-            self.weight_k_major = weight.t().contiguous().numpy()
+            self.n_major = weight.shape[0] < weight.shape[1]
+            self.gemv_weight = (weight.contiguous() if self.n_major else weight.t().contiguous()).numpy()
             self.bias_np = None if bias is None else self.bias.numpy()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gemv is not None and self.gemv.active and x.numel() == self.in_features:
-            y = x.reshape(-1).numpy() @ self.weight_k_major
+            row = x.reshape(-1).numpy()
+            y = self.gemv_weight @ row if self.n_major else row @ self.gemv_weight
             if self.bias_np is not None:
                 y += self.bias_np
             return torch.from_numpy(y).view(*x.shape[:-1], -1)
