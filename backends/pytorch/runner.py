@@ -20,8 +20,8 @@ class TorchOptions:
     # "aten" is plain torch.nn.functional.linear. "auto" picks onednn on CPU.
     linear: str = "auto"
     # CPU float32: steps with a single row (batch-1 decode) run their linears as
-    # numpy/OpenBLAS GEMVs over a second, K-major copy of the weights, which streams
-    # them faster than oneDNN or MKL here. "off" keeps one copy of the weights.
+    # numpy/OpenBLAS GEMVs over a second copy of the weights laid out for GEMV, which
+    # streams them faster than oneDNN or MKL here. "off" keeps one copy of the weights.
     gemv: str = "auto"
     # CUDA: decode steps replay CUDA graphs captured per bucketed batch size
     # up to cuda_graph_max_batch; enforce_eager turns that off.
