@@ -14,7 +14,7 @@ from mini_engine.runner import Availability, Runner, StepInput
 
 @dataclass
 class TorchOptions:
-    threads: int = 0  # intra-op threads; 0 = PyTorch's default (one per core)
+    threads: int = 0  # intra-op threads (and the GEMV's BLAS threads); 0 = the libraries' default
     # How fp32 Linear layers run on CPU: "onednn" prepacks weights for oneDNN,
     # which streams weights faster than MKL's GEMV on this class of CPU;
     # "aten" is plain torch.nn.functional.linear. "auto" picks onednn on CPU.
@@ -67,13 +67,11 @@ class TorchRunner(Runner):
                     f"(torch {torch.__version__}; is this a CPU build?)")
         elif self.config.dtype == "float16":
             raise ConfigError("float16 on CPU is not supported by the torch backend; use float32 or bfloat16")
-        if self.options.threads:
-            torch.set_num_threads(self.options.threads)
+        if self.options.gemv == "blas" and (device != "cpu" or self.config.dtype != "float32"):
+            raise ConfigError("backend.options.gemv = 'blas' needs device cpu and dtype float32; use 'auto'")
         self.dtype = torch_dtype(self.config.dtype)
         self.model = build_model(self.config.model, self.config.dtype, device)
         self.gemv = None  # GemvSwitch over the model's linears (CPU float32)
-        if self.options.gemv == "blas" and (device != "cpu" or self.config.dtype != "float32"):
-            raise ConfigError("backend.options.gemv = 'blas' needs device cpu and dtype float32; use 'auto'")
         if device == "cpu" and self.config.dtype == "float32":
             from .linears import GemvSwitch, replace_linears
 
@@ -82,9 +80,24 @@ class TorchRunner(Runner):
         self.keys: list = []
         self.values: list = []
         self.graphs = None  # DecodeGraphs over the current KV buffers (CUDA only)
+        # Last, so a failed load leaves the process's thread settings alone; close() restores them.
+        self.threads_before = torch.get_num_threads()
+        self.blas_limit = None
+        if self.options.threads:
+            torch.set_num_threads(self.options.threads)
+            if self.gemv is not None:
+                from threadpoolctl import ThreadpoolController
+
+                # The GEMV runs on numpy's BLAS threads: keep them within the same budget.
+                self.blas_limit = ThreadpoolController().limit(limits=self.options.threads, user_api="blas")
 
     def _close_impl(self) -> None:
-        self.model = self.graphs = self.gemv = None
+        # Thread settings are process-wide: give them back as they were.
+        if self.blas_limit is not None:
+            self.blas_limit.restore_original_limits()
+        if self.options.threads:
+            self.torch.set_num_threads(self.threads_before)
+        self.model = self.graphs = self.gemv = self.blas_limit = None
         self.keys, self.values = [], []
 
     # ----- KV cache ----------------------------------------------------------

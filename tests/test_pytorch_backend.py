@@ -1,0 +1,26 @@
+"""The torch backend's CPU thread budget: `threads` bounds torch and the GEMV path's BLAS pool."""
+import numpy as np
+import torch
+from threadpoolctl import threadpool_info
+
+from mini_engine.model.source import resolve_model
+from mini_engine.runner import RunnerConfig, StepInput
+from mini_engine_backends.pytorch import TorchRunner
+
+
+def blas_threads() -> set[int]:
+    return {i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"}
+
+
+def test_threads_option_caps_torch_and_blas_and_close_restores_them():
+    torch_before, blas_before = torch.get_num_threads(), blas_threads()
+    assert blas_before, "numpy's BLAS should be visible to threadpoolctl"
+    with TorchRunner(RunnerConfig(model=resolve_model("random:tiny"), options={"threads": 1})) as r:
+        assert r.describe()["gemv"] == "blas"
+        assert torch.get_num_threads() == 1 and blas_threads() == {1}
+        r.allocate_kv(1, 4)
+        r.execute(StepInput(np.array([[5, 6, 7]]), np.arange(3)[None], np.ones((1, 3), np.int64), [0], 0))
+        out = r.execute(StepInput(np.array([[8]]), np.array([[3]]), np.ones((1, 4), np.int64), [0], 3))
+        assert out.shape == (1, 50257) and np.isfinite(out).all()
+        assert torch.get_num_threads() == 1  # a single-row step keeps the configured count
+    assert torch.get_num_threads() == torch_before and blas_threads() == blas_before
