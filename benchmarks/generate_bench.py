@@ -144,6 +144,9 @@ def worker_engine(args, backend: str, device: str, target_options: list[str]) ->
 
 def run_worker(args) -> None:
     target, *target_options = args.worker.split("@")
+    for option in target_options:
+        if "=" not in option:
+            raise SystemExit(f"target option '@{option}' must be KEY=VALUE, e.g. torch:cpu@gemv=off")
     backend, _, device = target.partition(":")
     device = device or "cpu"
     result = worker_hf(args, device) if backend == "hf" else worker_engine(args, backend, device, target_options)

@@ -29,7 +29,7 @@ def main() -> None:
     from mini_engine.model.gpt2 import ConcatKV
     from mini_engine.model.source import resolve_model
     from mini_engine.model.weights import build_model
-    from mini_engine_backends.pytorch.linears import prepack_linears
+    from mini_engine_backends.pytorch.linears import replace_linears
 
     source = resolve_model(args.model)
     cfg = source.config
@@ -61,7 +61,7 @@ def main() -> None:
     model = build_model(source, "float32", "cpu").eval()
     print(f"  eager, aten linears:           {median_ms(step_of(model)):6.1f} ms")
     compiled_src = build_model(source, "float32", "cpu").eval()
-    prepack_linears(model)
+    replace_linears(model, onednn=True, gemv=None)
     print(f"  eager, oneDNN-packed linears:  {median_ms(step_of(model)):6.1f} ms")
 
     import torch._inductor.config as inductor

@@ -8,7 +8,7 @@ import os
 # The torch backend runs batch-1 decode GEMVs on numpy's OpenBLAS between torch
 # ops. OpenBLAS worker threads spin ~2^28 cycles (~70 ms) after each call by
 # default, stealing a core from the torch work that follows (a prefill after
-# a decode ran 2x slower on 2 cores); 2^20 cycles (~0.3 ms) keeps them hot within
+# decode steps ran 1.6-2.2x slower on 2 cores); 2^20 cycles (~0.3 ms) keeps them hot within
 # a step and idle after it. Read when OpenBLAS loads, so set before numpy is imported.
 os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "20")
 

@@ -3,15 +3,16 @@
 On the AMD Zen 4 CPUs this project is measured on, a decode step is bound by how fast
 the linear weights stream from memory (~500 MB per step for GPT-2 small):
 
-- MKL's fp32 GEMV (plain `F.linear`) reads them at ~11 GB/s; oneDNN with weights
-  reordered once at load time at ~12-15 GB/s, and it is the fastest GEMM here for
+- MKL's fp32 GEMV (plain `F.linear`) reads them at ~11-13 GB/s; oneDNN with weights
+  reordered once at load time at ~13-19 GB/s, and it is the fastest GEMM here for
   2 rows and more (batched decode, prefill).
-- For a single row (batch-1 decode), numpy's OpenBLAS GEMV reads ~19-25 GB/s: over a
+- For a single row (batch-1 decode), numpy's OpenBLAS GEMV reads ~17-26 GB/s: over a
   K-major copy of the weight where it has at least as many outputs as inputs, over the
-  [N, K] weight where it has fewer (the MLP's down projection: ~26-30 GB/s against
-  ~16-19 K-major). It keeps a second copy of every weight, and it only pays
-  when torch's own OpenMP threads are not spinning on the same cores: `GemvSwitch.engaged`
-  runs such steps with one torch intra-op thread (BLAS brings its own threads).
+  [N, K] weight where it has fewer (the MLP's down projection reads faster that way;
+  benchmarks/linear_kernels_bench.py, "numpy, per shape"). It keeps a second copy of every
+  weight, and it only pays when torch's own OpenMP threads are not spinning on the same
+  cores: `GemvSwitch.engaged` runs such steps with one torch intra-op thread (BLAS brings
+  its own threads).
 """
 from __future__ import annotations
 
@@ -85,8 +86,3 @@ def replace_linears(model: nn.Module, onednn: bool, gemv: GemvSwitch | None) -> 
     model.lm_head = head.forward  # a callable, not a submodule (see GPT2.lm_head)
     model._cpu_lm_head = [head]  # keep its weights alive
     return count + 1
-
-
-def prepack_linears(model: nn.Module) -> int:
-    """oneDNN-prepacked linears only (no GEMV copy)."""
-    return replace_linears(model, onednn=True, gemv=None)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import click
+from mini_engine_export.manifest import LOGITS_MODES
 
 from .common import build_config, config_options, note_random
 
@@ -23,7 +24,7 @@ def command():
 @click.option("--force", is_flag=True, help="Re-export even when OUT holds an identical export.")
 @click.option("--exporter", type=click.Choice(["dynamo", "torchscript"]), default="dynamo", show_default=True,
               help="torch.onnx exporter.")
-@click.option("--logits", "logits", type=click.Choice(["all", "last"]), default="all", show_default=True,
+@click.option("--logits", "logits", type=click.Choice(LOGITS_MODES), default="all", show_default=True,
               help="Logits output: every position [batch, seq, vocab], or the last one [batch, 1, vocab] "
                    "(less work at prefill; what generation reads; not for TensorRT).")
 def onnx(config_path, overrides, model, backend, device, dtype, out, opset, optimize, fp16, validate, force,
