@@ -61,7 +61,7 @@ def main() -> None:
     model = build_model(source, "float32", "cpu").eval()
     print(f"  eager, aten linears:           {median_ms(step_of(model)):6.1f} ms")
     compiled_src = build_model(source, "float32", "cpu").eval()
-    replace_linears(model, onednn=True, gemv=None)
+    replace_linears(model)
     print(f"  eager, oneDNN-packed linears:  {median_ms(step_of(model)):6.1f} ms")
 
     import torch._inductor.config as inductor

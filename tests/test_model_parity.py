@@ -34,6 +34,15 @@ def test_full_prompt_logits(runner, hf_model):
     assert np.abs(ours - hf_logits(hf_model, ids, mask)).max() <= ATOL
 
 
+def test_one_token_prompt(runner, hf_model):
+    """A one-token prompt is a single-row step with an empty cache."""
+    ids = np.array([[15496]])
+    runner.allocate_kv(1, 4)
+    ours = runner.execute(StepInput(ids, np.zeros((1, 1), np.int64), np.ones((1, 1), np.int64), [0], 0, logits="all"))
+    assert ours.shape == (1, 1, 50257)
+    assert np.abs(ours - hf_logits(hf_model, ids, np.ones_like(ids))).max() <= ATOL
+
+
 def test_step_by_step_kv_cache(runner, hf_model):
     """Prefill 5 tokens, then decode one at a time; each step matches a full forward."""
     rng = np.random.default_rng(1)
@@ -48,7 +57,7 @@ def test_step_by_step_kv_cache(runner, hf_model):
 
 
 def test_single_row_decode(runner, hf_model):
-    """Batch-1 decode steps take the BLAS GEMV path where enabled; logits match all the same."""
+    """Batch-1 decode steps take the numpy/BLAS row path where enabled; logits match all the same."""
     rng = np.random.default_rng(3)
     ids = rng.integers(0, 50257, (1, 9))
     ref = hf_logits(hf_model, ids, np.ones_like(ids))
@@ -58,7 +67,7 @@ def test_single_row_decode(runner, hf_model):
     for t in range(4, 9):
         out = runner.execute(StepInput(ids[:, t:t + 1], np.full((1, 1), t), np.ones((1, t + 1), np.int64), [0], t))
         assert np.abs(out - ref[:, t]).max() <= ATOL
-    assert torch.get_num_threads() == threads  # the single-thread GEMV steps restore the pool
+    assert torch.get_num_threads() == threads
 
 
 def test_left_padded_batch_matches_each_prompt_alone(runner, hf_model):
@@ -72,7 +81,7 @@ def test_left_padded_batch_matches_each_prompt_alone(runner, hf_model):
         ids[i, width - len(p):] = p
         mask[i, width - len(p):] = 1
     pos = np.clip(np.cumsum(mask, 1) - 1, 0, None)
-    runner.allocate_kv(3, width + 1)
+    runner.allocate_kv(3, width + 2)
     ours = runner.execute(StepInput(ids, pos, mask, [0, 1, 2], 0))
     padded_ref = hf_logits(hf_model, ids, mask)[:, -1]
     assert np.abs(ours - padded_ref).max() <= ATOL
@@ -87,6 +96,13 @@ def test_left_padded_batch_matches_each_prompt_alone(runner, hf_model):
         full = np.concatenate([prompts[i], nxt[row]])
         alone = hf_logits(hf_model, full[None], np.ones((1, len(full)), np.int64))[0, -1]
         assert np.abs(out[row] - alone).max() <= ATOL
+    # Then the short, left-padded row 0 goes on alone (a batch-1 step over its padded cache).
+    nxt2 = np.array([[13]])
+    m3 = np.concatenate([m2[1:], np.ones((1, 1), np.int64)], 1)
+    out = runner.execute(StepInput(nxt2, pos[[0], -1:] + 2, m3, [0], width + 1))
+    full = np.concatenate([prompts[0], nxt[1], nxt2[0]])
+    alone = hf_logits(hf_model, full[None], np.ones((1, len(full)), np.int64))[0, -1]
+    assert np.abs(out[0] - alone).max() <= ATOL
 
 
 def test_bfloat16_weights_track_float32(hf_dir):

@@ -1,7 +1,6 @@
 """PyTorch runner: pre-allocated per-slot KV cache, logits for the last position only."""
 from __future__ import annotations
 
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -19,9 +18,9 @@ class TorchOptions:
     # which streams weights faster than MKL's GEMV on this class of CPU;
     # "aten" is plain torch.nn.functional.linear. "auto" picks onednn on CPU.
     linear: str = "auto"
-    # CPU float32: steps with a single row (batch-1 decode) run their linears as
-    # numpy/OpenBLAS GEMVs over a second copy of the weights laid out for GEMV, which
-    # streams them faster than oneDNN or MKL here. "off" keeps one copy of the weights.
+    # CPU float32: steps with a single row and token (batch-1 decode) run in numpy, with
+    # OpenBLAS GEMVs over a second copy of the weights laid out for GEMV, which streams
+    # them faster than oneDNN or MKL here (row_step.py). "off" keeps one copy of the weights.
     gemv: str = "auto"
     # CUDA: decode steps replay CUDA graphs captured per bucketed batch size
     # up to cuda_graph_max_batch; enforce_eager turns that off.
@@ -71,12 +70,15 @@ class TorchRunner(Runner):
             raise ConfigError("backend.options.gemv = 'blas' needs device cpu and dtype float32; use 'auto'")
         self.dtype = torch_dtype(self.config.dtype)
         self.model = build_model(self.config.model, self.config.dtype, device)
-        self.gemv = None  # GemvSwitch over the model's linears (CPU float32)
+        self.row_step = None  # RowStep for batch-1 decode (CPU float32)
         if device == "cpu" and self.config.dtype == "float32":
-            from .linears import GemvSwitch, replace_linears
+            from .linears import replace_linears
+            from .row_step import RowStep
 
-            self.gemv = GemvSwitch() if self.options.gemv != "off" else None
-            replace_linears(self.model, onednn=self.options.linear != "aten", gemv=self.gemv)
+            if self.options.gemv != "off":
+                self.row_step = RowStep(self.model)  # before the linears swap: reads nn.Linear weights
+            if self.options.linear != "aten":
+                replace_linears(self.model)
         self.keys: list = []
         self.values: list = []
         self.graphs = None  # DecodeGraphs over the current KV buffers (CUDA only)
@@ -85,7 +87,7 @@ class TorchRunner(Runner):
         self.blas_limit = None
         if self.options.threads:
             torch.set_num_threads(self.options.threads)
-            if self.gemv is not None:
+            if self.row_step is not None:
                 from threadpoolctl import ThreadpoolController
 
                 # The GEMV runs on numpy's BLAS threads: keep them within the same budget.
@@ -97,7 +99,7 @@ class TorchRunner(Runner):
             self.blas_limit.restore_original_limits()
         if self.options.threads:
             self.torch.set_num_threads(self.threads_before)
-        self.model = self.graphs = self.gemv = self.blas_limit = None
+        self.model = self.graphs = self.row_step = self.blas_limit = None
         self.keys, self.values = [], []
 
     # ----- KV cache ----------------------------------------------------------
@@ -120,6 +122,8 @@ class TorchRunner(Runner):
             self.values = [alloc(shape, dtype=self.dtype, device=self.config.device) for _ in range(cfg.n_layer)]
             if buckets:
                 self.graphs = DecodeGraphs(self.model, self.keys, self.values, buckets)
+            if self.row_step is not None:
+                self.row_step.bind_cache(self.keys, self.values)
         # Row r of every buffer holds slot layout[r]; steps run on the first n rows.
         self.layout = list(range(num_slots))
 
@@ -135,13 +139,16 @@ class TorchRunner(Runner):
         n = self._bring_to_front(step.slot_ids)
         if self.graphs is not None and self.graphs.handles(step):
             return self.graphs.run(step)
+        if self.row_step is not None and n == 1 and step.seq_len == 1:
+            logits = self.row_step(int(step.input_ids[0, 0]), int(step.position_ids[0, 0]), step.past_len,
+                                   step.attention_mask[0])
+            return logits[None] if step.logits == "last" else logits[None, None]
         dev = self.config.device
         ids = torch.from_numpy(step.input_ids).to(dev)
         pos = torch.from_numpy(step.position_ids).to(dev)
         mask = torch.from_numpy(step.attention_mask).to(dev)
         kv = BufferKV([k[:n] for k in self.keys], [v[:n] for v in self.values], step.past_len)
-        single_row = self.gemv is not None and n * step.input_ids.shape[1] == 1
-        with torch.inference_mode(), (self.gemv.engaged() if single_row else nullcontext()):
+        with torch.inference_mode():
             logits = self.model.step(ids, pos, mask, kv, last_only=step.logits == "last")
         return logits.cpu().numpy()
 
@@ -165,7 +172,7 @@ class TorchRunner(Runner):
         if self.is_loaded:
             info["threads"] = self.torch.get_num_threads()
             info["torch"] = self.torch.__version__
-            info["gemv"] = "blas" if self.gemv is not None else "off"
+            info["gemv"] = "blas" if self.row_step is not None else "off"
             info["cuda_graphs"] = self.graphs.describe() if self.graphs is not None else None
         return info
 

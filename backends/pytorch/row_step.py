@@ -1,0 +1,124 @@
+"""Batch-1 decode on CPU in float32: one row, one new token, run in numpy over OpenBLAS.
+
+A batch-1 decode step of GPT-2 small streams ~500 MB of linear weights for ~0.25 GFLOP,
+so it is bound by how fast those weights are read, and then by per-call overhead:
+
+- numpy's OpenBLAS GEMV reads the weights at ~17-26 GB/s on the Zen 4 CPUs this project
+  is measured on, against ~11-13 for MKL's GEMV (`F.linear`) and ~13-19 for oneDNN with
+  prepacked weights (benchmarks/linear_kernels_bench.py). It reads fastest over a K-major
+  copy of a weight with at least as many outputs as inputs, and over the [N, K] weight
+  (no copy) where a layer has fewer outputs, as the MLP's down projection does.
+- The ~30 small ops per layer (layer norms, attention over the cache, GELU, residuals) cost
+  ~1 µs each in numpy against ~5-10 µs through torch's dispatcher: ~1.5-2 ms per step
+  instead of ~4-7 ms, when the GEMVs take ~20 ms.
+- Mixing the two in one step costs more: torch's OpenMP workers and OpenBLAS's spin on
+  the same two cores. Here no torch op runs at all.
+
+The math is `GPT2.step` for one row (pre-LN blocks, tanh GELU, causal attention over the
+cache with padding keys masked); tests hold its logits to transformers' like the torch path.
+It reads and writes the runner's KV buffers in place, so a sequence can move between this
+path and batched torch steps at any time.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from mini_engine.model.gpt2 import GPT2
+
+
+class Gemv:
+    """y = x @ W.T + b for one row, over the weight layout OpenBLAS reads fastest."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        weight = weight.detach()
+        self.n_major = weight.shape[0] < weight.shape[1]
+        # [N, K] shares the model's storage; the K-major copy is the extra memory this path costs.
+        self.weight = (weight.contiguous() if self.n_major else weight.t().contiguous()).numpy()
+        self.bias = None if bias is None else bias.detach().numpy()
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        y = self.weight @ x if self.n_major else x @ self.weight
+        if self.bias is not None:
+            y += self.bias
+        return y
+
+
+class RowStep:
+    """Runs one decode step for the sequence in row 0 of the KV buffers."""
+
+    def __init__(self, model: GPT2):
+        cfg = model.cfg
+        self.n_head, self.head_dim, self.eps = cfg.n_head, cfg.head_dim, cfg.layer_norm_epsilon
+        self.scale = 1.0 / math.sqrt(cfg.head_dim)
+        self.wte, self.wpe = _np(model.wte.weight), _np(model.wpe.weight)
+        self.layers = [
+            (_np(b.ln_1.weight), _np(b.ln_1.bias), Gemv(b.attn.c_attn.weight, b.attn.c_attn.bias),
+             Gemv(b.attn.c_proj.weight, b.attn.c_proj.bias), _np(b.ln_2.weight), _np(b.ln_2.bias),
+             Gemv(b.mlp.c_fc.weight, b.mlp.c_fc.bias), Gemv(b.mlp.c_proj.weight, b.mlp.c_proj.bias))
+            for b in model.h]
+        self.ln_f = (_np(model.ln_f.weight), _np(model.ln_f.bias))
+        self.lm_head = Gemv(model.wte.weight, None)
+        self.keys: list[np.ndarray] = []
+        self.values: list[np.ndarray] = []
+
+    def bind_cache(self, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor]) -> None:
+        """Use row 0 of the runner's [rows, H, S, D] buffers (numpy views, no copy)."""
+        self.keys = [k[0].numpy() for k in keys]
+        self.values = [v[0].numpy() for v in values]
+
+    def __call__(self, token: int, position: int, past_len: int, attention_mask: np.ndarray) -> np.ndarray:
+        """Logits [V] for `token` at `position`, appended to the cache at index `past_len`."""
+        end = past_len + 1
+        padding = np.flatnonzero(attention_mask[:end] == 0)
+        x = self.wte[token] + self.wpe[position]
+        for i, (w1, b1, qkv_proj, out_proj, w2, b2, fc, down) in enumerate(self.layers):
+            q, k, v = qkv_proj(self._layer_norm(x, w1, b1)).reshape(3, self.n_head, self.head_dim)
+            keys, values = self.keys[i], self.values[i]
+            keys[:, past_len] = k
+            values[:, past_len] = v
+            scores = np.matmul(keys[:, :end], q[:, :, None])[:, :, 0]
+            scores *= self.scale
+            if padding.size:
+                scores[:, padding] = np.finfo(np.float32).min
+            attn = np.matmul(_softmax_(scores)[:, None, :], values[:, :end])
+            x = x + out_proj(attn.reshape(-1))
+            x = x + down(_gelu_tanh_(fc(self._layer_norm(x, w2, b2))))
+        return self.lm_head(self._layer_norm(x, *self.ln_f))
+
+    def _layer_norm(self, x: np.ndarray, weight: np.ndarray, bias: np.ndarray) -> np.ndarray:
+        d = x - np.add.reduce(x) / x.size
+        d *= weight / np.sqrt(np.dot(d, d) / d.size + self.eps)
+        d += bias
+        return d
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.detach().numpy()
+
+
+def _softmax_(s: np.ndarray) -> np.ndarray:
+    s -= s.max(axis=-1, keepdims=True)
+    np.exp(s, out=s)
+    s /= np.add.reduce(s, axis=-1, keepdims=True)
+    return s
+
+
+_GELU_C = math.sqrt(2.0 / math.pi)
+
+
+def _gelu_tanh_(x: np.ndarray) -> np.ndarray:
+    """GPT-2's GELU, 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), in place on x."""
+    t = x * x
+    t *= 0.044715
+    t *= x
+    t += x
+    t *= _GELU_C
+    np.tanh(t, out=t)
+    t += 1.0
+    x *= t
+    x *= 0.5
+    return x
