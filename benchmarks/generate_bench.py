@@ -3,7 +3,10 @@
 
 Same weights for every target (the engine's seeded random GPT-2 is copied into a
 transformers GPT2LMHeadModel), one target per subprocess so thread pools do not
-distort each other, the median of --runs timed runs after a warm-up.
+distort each other, the median of --runs timed runs after a warm-up. With --rounds N the
+whole sweep repeats N times, targets taking turns, and every ratio to `generate()` is taken
+within a round: on a machine whose speed drifts over minutes, ratios from one round are
+comparable where absolute figures from different minutes are not.
 
     python benchmarks/generate_bench.py --model random:gpt2 --batch-sizes 1,16 \
         --targets hf:cpu,torch:cpu,onnxruntime:cpu --out result/cpu/generate_bench
@@ -34,6 +37,8 @@ def parse_args(argv=None):
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=1,
+                   help="repeat the sweep, targets taking turns; ratios to hf are taken per round")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--set", dest="overrides", action="append", default=[],
                    help="config override for every mini-engine target, e.g. generation.seed=0")
@@ -142,13 +147,18 @@ def worker_engine(args, backend: str, device: str, target_options: list[str]) ->
             "engine_overhead_ms": (times[-1] - sum(s for _, s in steps)) * 1e3}
 
 
-def run_worker(args) -> None:
-    target, *target_options = args.worker.split("@")
+def parse_target(spec: str) -> tuple[str, str, list[str]]:
+    """'BACKEND:DEVICE@KEY=VALUE...' -> (backend, device, ['KEY=VALUE', ...])."""
+    target, *target_options = spec.split("@")
     for option in target_options:
         if "=" not in option:
             raise SystemExit(f"target option '@{option}' must be KEY=VALUE, e.g. torch:cpu@gemv=off")
     backend, _, device = target.partition(":")
-    device = device or "cpu"
+    return backend, device or "cpu", target_options
+
+
+def run_worker(args) -> None:
+    backend, device, target_options = parse_target(args.worker)
     result = worker_hf(args, device) if backend == "hf" else worker_engine(args, backend, device, target_options)
     print(json.dumps(result))
 
@@ -158,34 +168,21 @@ def main(argv=None) -> int:
     if args.worker:
         run_worker(args)
         return 0
-    rows = []
+    if args.rounds < 1 or args.runs < 1:
+        raise SystemExit("--rounds and --runs must be >= 1")
     for target in args.targets.split(","):
-        for batch in [int(b) for b in args.batch_sizes.split(",")]:
-            cmd = [sys.executable, __file__, "--worker", target, "--batch", str(batch), "--model", args.model,
-                   "--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens),
-                   "--runs", str(args.runs), "--dtype", args.dtype] + [f"--set={o}" for o in args.overrides] \
-                + [f"--option={o}" for o in args.options]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            if proc.returncode != 0:
-                reason = (proc.stderr.strip().splitlines() or ["failed"])[-1]
-                rows.append({"target": target, "batch_size": batch, "status": "skipped", "reason": reason})
-                print(f"{target:18s} batch {batch:3d}: skipped ({reason})", file=sys.stderr)
-                continue
-            r = json.loads(proc.stdout.strip().splitlines()[-1])
-            med = statistics.median(r["times_s"])
-            row = {"target": target, "batch_size": batch, "status": "ok",
-                   "tokens_per_s": batch * args.new_tokens / med,
-                   "tokens_per_s_runs": [round(batch * args.new_tokens / t, 2) for t in r["times_s"]],
-                   "seconds_median": med}
-            row.update({k: v for k, v in r.items() if k != "times_s"})
-            rows.append(row)
-            print(f"{target:18s} batch {batch:3d}: {row['tokens_per_s']:8.1f} tokens/s "
-                  f"(runs: {row['tokens_per_s_runs']})", file=sys.stderr)
+        parse_target(target)
+    rows = []
+    for rnd in range(args.rounds):
+        for target in args.targets.split(","):
+            for batch in [int(b) for b in args.batch_sizes.split(",")]:
+                rows.append(dict(run_target(args, target, batch), round=rnd))
+    add_ratios(rows)
     report = {"command": " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]),
               "machine": {"platform": platform.platform(), "processor": platform.processor(),
                           "cpus": __import__("os").cpu_count()},
               "settings": {"model": args.model, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
-                           "runs": args.runs, "dtype": args.dtype, "overrides": args.overrides,
+                           "runs": args.runs, "rounds": args.rounds, "dtype": args.dtype, "overrides": args.overrides,
                            "options": args.options},
               "rows": rows}
     if args.out:
@@ -197,24 +194,71 @@ def main(argv=None) -> int:
     return 0
 
 
+def run_target(args, target: str, batch: int) -> dict:
+    """One worker subprocess: a target at one batch size, --runs timed generations."""
+    cmd = [sys.executable, __file__, "--worker", target, "--batch", str(batch), "--model", args.model,
+           "--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens),
+           "--runs", str(args.runs), "--dtype", args.dtype] + [f"--set={o}" for o in args.overrides] \
+        + [f"--option={o}" for o in args.options]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        reason = (proc.stderr.strip().splitlines() or ["failed"])[-1]
+        print(f"{target:18s} batch {batch:3d}: skipped ({reason})", file=sys.stderr)
+        return {"target": target, "batch_size": batch, "status": "skipped", "reason": reason}
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    med = statistics.median(r["times_s"])
+    row = {"target": target, "batch_size": batch, "status": "ok",
+           "tokens_per_s": batch * args.new_tokens / med,
+           "tokens_per_s_runs": [round(batch * args.new_tokens / t, 2) for t in r["times_s"]],
+           "seconds_median": med}
+    row.update({k: v for k, v in r.items() if k != "times_s"})
+    print(f"{target:18s} batch {batch:3d}: {row['tokens_per_s']:8.1f} tokens/s "
+          f"(runs: {row['tokens_per_s_runs']})", file=sys.stderr)
+    return row
+
+
+def add_ratios(rows: list[dict]) -> None:
+    """vs_hf: tokens/s over the hf target's at the same batch size in the same round."""
+    hf = {(r["round"], r["batch_size"]): r["tokens_per_s"] for r in rows
+          if r["target"].startswith("hf") and r["status"] == "ok"}
+    for r in rows:
+        if r["status"] == "ok" and (r["round"], r["batch_size"]) in hf:
+            r["vs_hf"] = r["tokens_per_s"] / hf[r["round"], r["batch_size"]]
+
+
 def markdown(report: dict) -> str:
     s = report["settings"]
+    rounds = s["rounds"] > 1
     lines = [f"Greedy generation, {s['model']} {s['dtype']}, prompt {s['prompt_len']} tokens, "
-             f"{s['new_tokens']} new tokens, median of {s['runs']} runs.", "",
-             f"Command: `python {report['command']}`", "",
-             "| target | batch | tokens/s | runs (tokens/s) | vs hf | prefill ms | decode step ms | engine overhead ms |",
-             "|---|---:|---:|---|---:|---:|---:|---:|"]
-    hf = {r["batch_size"]: r["tokens_per_s"] for r in report["rows"]
-          if r["target"].startswith("hf") and r["status"] == "ok"}
+             f"{s['new_tokens']} new tokens, median of {s['runs']} runs"
+             + (f", {s['rounds']} rounds (targets taking turns; vs hf within each round)." if rounds else "."),
+             "", f"Command: `python {report['command']}`", "",
+             "| " + ("round | " if rounds else "") + "target | batch | tokens/s | runs (tokens/s) | vs hf "
+             "| prefill ms | decode step ms | engine overhead ms |",
+             "|" + ("---:|" if rounds else "") + "---|---:|---:|---|---:|---:|---:|---:|"]
     for r in report["rows"]:
+        head = f"| {r['round'] + 1} " if rounds else ""
         if r["status"] != "ok":
-            lines.append(f"| {r['target']} | {r['batch_size']} | skipped: {r['reason']} | | |")
+            lines.append(f"{head}| {r['target']} | {r['batch_size']} | skipped: {r['reason']} | | | | | |")
             continue
-        ratio = f"{r['tokens_per_s'] / hf[r['batch_size']]:.2f}x" if r["batch_size"] in hf else "-"
+        ratio = f"{r['vs_hf']:.2f}x" if "vs_hf" in r else "-"
         extra = " | ".join("-" if r.get(k) is None else f"{r[k]:.1f}"
                            for k in ("prefill_ms", "decode_step_ms", "engine_overhead_ms"))
-        lines.append(f"| {r['target']} | {r['batch_size']} | {r['tokens_per_s']:.1f} | "
+        lines.append(f"{head}| {r['target']} | {r['batch_size']} | {r['tokens_per_s']:.1f} | "
                      f"{', '.join(map(str, r['tokens_per_s_runs']))} | {ratio} | {extra} |")
+    if rounds:
+        lines += ["", "Across rounds (median, and each round in order):", "",
+                  "| target | batch | tokens/s | by round | vs hf | by round |", "|---|---:|---:|---|---:|---|"]
+        keys = dict.fromkeys((r["target"], r["batch_size"]) for r in report["rows"] if r["status"] == "ok")
+        for target, batch in keys:
+            mine = [r for r in report["rows"] if (r["target"], r["batch_size"]) == (target, batch)
+                    and r["status"] == "ok"]
+            tps = [r["tokens_per_s"] for r in mine]
+            ratios = [r["vs_hf"] for r in mine if "vs_hf" in r]
+            med_ratio = f"{statistics.median(ratios):.2f}x" if ratios else "-"
+            lines.append(f"| {target} | {batch} | {statistics.median(tps):.1f} | "
+                         f"{', '.join(f'{t:.1f}' for t in tps)} | {med_ratio} | "
+                         f"{', '.join(f'{x:.2f}x' for x in ratios)} |")
     return "\n".join(lines) + "\n"
 
 

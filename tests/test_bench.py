@@ -88,3 +88,20 @@ def test_script_has_the_same_flags():
     assert proc.returncode == 0
     for flag in ("--requests", "--batch-sizes", "--trials", "--targets", "--mode"):
         assert flag in proc.stdout
+
+
+def test_generate_bench_rounds_take_ratios_within_each_round(tmp_path):
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "generate_bench.py"
+    out = tmp_path / "gen"
+    subprocess.run([sys.executable, script, "--model", "random:tiny", "--targets", "hf:cpu,torch:cpu@gemv=off",
+                    "--batch-sizes", "1", "--runs", "1", "--rounds", "2", "--new-tokens", "4", "--out", out],
+                   check=True, capture_output=True, timeout=300)
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    assert [(r["round"], r["target"], r["status"]) for r in rows] == [
+        (0, "hf:cpu", "ok"), (0, "torch:cpu@gemv=off", "ok"), (1, "hf:cpu", "ok"), (1, "torch:cpu@gemv=off", "ok")]
+    for hf, torch_row in (rows[0:2], rows[2:4]):
+        assert torch_row["vs_hf"] == torch_row["tokens_per_s"] / hf["tokens_per_s"]
+        assert torch_row["runner"]["gemv"] == "off"  # the per-target option reached the backend
+    assert "Across rounds" in out.with_suffix(".md").read_text()
+    bad = subprocess.run([sys.executable, script, "--targets", "torch:cpu@gemv"], capture_output=True, text=True)
+    assert bad.returncode != 0 and bad.stderr.strip() == "target option '@gemv' must be KEY=VALUE, e.g. torch:cpu@gemv=off"
