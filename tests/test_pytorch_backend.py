@@ -24,3 +24,15 @@ def test_threads_option_caps_torch_and_blas_and_close_restores_them():
         assert out.shape == (1, 50257) and np.isfinite(out).all()
         assert torch.get_num_threads() == 1  # a single-row step keeps the configured count
     assert torch.get_num_threads() == torch_before and blas_threads() == blas_before
+
+
+def test_single_row_steps_run_no_torch_ops():
+    """Batch-1 decode takes the numpy path whole (two thread pools on two cores fight otherwise)."""
+    from torch.profiler import profile
+
+    with TorchRunner(RunnerConfig(model=resolve_model("random:tiny"))) as r:
+        r.allocate_kv(1, 4)
+        r.execute(StepInput(np.array([[5, 6, 7]]), np.arange(3)[None], np.ones((1, 3), np.int64), [0], 0))
+        with profile() as prof:
+            r.execute(StepInput(np.array([[8]]), np.array([[3]]), np.ones((1, 4), np.int64), [0], 3))
+        assert [e.name for e in prof.events()] == []
