@@ -219,8 +219,10 @@ def run_target(args, target: str, batch: int) -> dict:
 
 def add_ratios(rows: list[dict]) -> None:
     """vs_hf: tokens/s over the hf target's at the same batch size in the same round."""
-    hf = {(r["round"], r["batch_size"]): r["tokens_per_s"] for r in rows
-          if r["target"].startswith("hf") and r["status"] == "ok"}
+    hf: dict[tuple[int, int], float] = {}
+    for r in rows:  # the first hf target of a round is the reference
+        if r["target"].startswith("hf") and r["status"] == "ok":
+            hf.setdefault((r["round"], r["batch_size"]), r["tokens_per_s"])
     for r in rows:
         if r["status"] == "ok" and (r["round"], r["batch_size"]) in hf:
             r["vs_hf"] = r["tokens_per_s"] / hf[r["round"], r["batch_size"]]
@@ -251,14 +253,15 @@ def markdown(report: dict) -> str:
                   "| target | batch | tokens/s | by round | vs hf | by round |", "|---|---:|---:|---|---:|---|"]
         keys = dict.fromkeys((r["target"], r["batch_size"]) for r in report["rows"] if r["status"] == "ok")
         for target, batch in keys:
-            mine = [r for r in report["rows"] if (r["target"], r["batch_size"]) == (target, batch)
-                    and r["status"] == "ok"]
-            tps = [r["tokens_per_s"] for r in mine]
-            ratios = [r["vs_hf"] for r in mine if "vs_hf" in r]
+            by_round = {r["round"]: r for r in report["rows"]
+                        if (r["target"], r["batch_size"]) == (target, batch) and r["status"] == "ok"}
+            mine = [by_round.get(i) for i in range(s["rounds"])]  # None: skipped that round
+            tps = [r["tokens_per_s"] for r in mine if r]
+            ratios = [r["vs_hf"] for r in mine if r and "vs_hf" in r]
             med_ratio = f"{statistics.median(ratios):.2f}x" if ratios else "-"
             lines.append(f"| {target} | {batch} | {statistics.median(tps):.1f} | "
-                         f"{', '.join(f'{t:.1f}' for t in tps)} | {med_ratio} | "
-                         f"{', '.join(f'{x:.2f}x' for x in ratios)} |")
+                         + ", ".join(f"{r['tokens_per_s']:.1f}" if r else "-" for r in mine) + f" | {med_ratio} | "
+                         + ", ".join(f"{r['vs_hf']:.2f}x" if r and "vs_hf" in r else "-" for r in mine) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -182,6 +182,11 @@ class Runner(abc.ABC):
             raise MiniEngineError(f"slot ids must be distinct and in 0..{self._num_slots - 1}")
         if step.logits not in ("last", "all"):
             raise MiniEngineError(f"logits must be 'last' or 'all', got {step.logits!r}")
+        cfg = self.config.model.config
+        if step.input_ids.min() < 0 or step.input_ids.max() >= cfg.vocab_size:
+            raise MiniEngineError(f"token ids must be in 0..{cfg.vocab_size - 1}")
+        if step.position_ids.min() < 0 or step.position_ids.max() >= cfg.n_positions:
+            raise MiniEngineError(f"position ids must be in 0..{cfg.n_positions - 1}")
 
     def _require_loaded(self) -> None:
         if not self._loaded:

@@ -36,3 +36,18 @@ def test_single_row_steps_run_no_torch_ops():
         with profile() as prof:
             r.execute(StepInput(np.array([[8]]), np.array([[3]]), np.ones((1, 4), np.int64), [0], 3))
         assert [e.name for e in prof.events()] == []
+
+
+def test_out_of_range_ids_are_refused_before_any_backend_code():
+    import pytest
+
+    from mini_engine.errors import MiniEngineError
+
+    with TorchRunner(RunnerConfig(model=resolve_model("random:tiny"))) as r:
+        r.allocate_kv(1, 4)
+        with pytest.raises(MiniEngineError, match=r"token ids must be in 0\.\.50256"):
+            r.execute(StepInput(np.array([[50257]]), np.array([[0]]), np.ones((1, 1), np.int64), [0], 0))
+        with pytest.raises(MiniEngineError, match=r"token ids must be in"):
+            r.execute(StepInput(np.array([[-1]]), np.array([[0]]), np.ones((1, 1), np.int64), [0], 0))
+        with pytest.raises(MiniEngineError, match=r"position ids must be in 0\.\."):
+            r.execute(StepInput(np.array([[5]]), np.array([[5000]]), np.ones((1, 1), np.int64), [0], 0))

@@ -4,8 +4,9 @@ On the AMD Zen 4 CPUs this project is measured on, steps are bound by how fast t
 linear weights stream from memory (~500 MB per step for GPT-2 small) until batches
 grow large: MKL's fp32 GEMV (plain `F.linear`) reads them at ~11-13 GB/s, oneDNN with
 weights reordered at load time at ~13-19 GB/s, and oneDNN is the fastest GEMM here for
-2 rows and more (batched decode, prefill; benchmarks/linear_kernels_bench.py). Single
-rows take the numpy path in row_step.py instead.
+2 rows and more (batched decode, prefill; benchmarks/linear_kernels_bench.py). Steps
+with one row and one token take the numpy path in row_step.py instead, unless the
+backend option gemv is off.
 """
 from __future__ import annotations
 

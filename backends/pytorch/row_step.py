@@ -36,7 +36,8 @@ class Gemv:
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
         weight = weight.detach()
         self.n_major = weight.shape[0] < weight.shape[1]
-        # [N, K] shares the model's storage; the K-major copy is the extra memory this path costs.
+        # [N, K] keeps the model's tensor alive (once replace_linears has packed it for oneDNN,
+        # that is a second copy too); the K-major layout is always a copy.
         self.weight = (weight.contiguous() if self.n_major else weight.t().contiguous()).numpy()
         self.bias = None if bias is None else bias.detach().numpy()
 
@@ -73,7 +74,7 @@ class RowStep:
     def __call__(self, token: int, position: int, past_len: int, attention_mask: np.ndarray) -> np.ndarray:
         """Logits [V] for `token` at `position`, appended to the cache at index `past_len`."""
         end = past_len + 1
-        padding = np.flatnonzero(attention_mask[:end] == 0)
+        padding = np.flatnonzero(attention_mask[:end] <= 0)  # torch: keys with mask > 0
         x = self.wte[token] + self.wpe[position]
         for i, (w1, b1, qkv_proj, out_proj, w2, b2, fc, down) in enumerate(self.layers):
             q, k, v = qkv_proj(self._layer_norm(x, w1, b1)).reshape(3, self.n_head, self.head_dim)

@@ -13,7 +13,7 @@ from mini_engine.runner import Availability, Runner, StepInput
 
 @dataclass
 class TorchOptions:
-    threads: int = 0  # intra-op threads (and the GEMV's BLAS threads); 0 = the libraries' default
+    threads: int = 0  # intra-op threads (and the numpy row step's BLAS threads); 0 = the libraries' default
     # How fp32 Linear layers run on CPU: "onednn" prepacks weights for oneDNN,
     # which streams weights faster than MKL's GEMV on this class of CPU;
     # "aten" is plain torch.nn.functional.linear. "auto" picks onednn on CPU.
@@ -76,7 +76,7 @@ class TorchRunner(Runner):
             from .row_step import RowStep
 
             if self.options.gemv != "off":
-                self.row_step = RowStep(self.model)  # before the linears swap: reads nn.Linear weights
+                self.row_step = RowStep(self.model)  # before replace_linears drops the nn.Linear weights
             if self.options.linear != "aten":
                 replace_linears(self.model)
         self.keys: list = []
@@ -90,7 +90,7 @@ class TorchRunner(Runner):
             if self.row_step is not None:
                 from threadpoolctl import ThreadpoolController
 
-                # The GEMV runs on numpy's BLAS threads: keep them within the same budget.
+                # The numpy row step runs on numpy's BLAS threads: keep them within the same budget.
                 self.blas_limit = ThreadpoolController().limit(limits=self.options.threads, user_api="blas")
 
     def _close_impl(self) -> None:
