@@ -170,12 +170,17 @@ def main(argv=None) -> int:
         return 0
     if args.rounds < 1 or args.runs < 1:
         raise SystemExit("--rounds and --runs must be >= 1")
-    for target in args.targets.split(","):
+    targets = args.targets.split(",")
+    for target in targets:
         parse_target(target)
+    try:
+        batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    except ValueError:
+        raise SystemExit(f"--batch-sizes must be a comma list of integers, got '{args.batch_sizes}'") from None
     rows = []
     for rnd in range(args.rounds):
-        for target in args.targets.split(","):
-            for batch in [int(b) for b in args.batch_sizes.split(",")]:
+        for target in targets:
+            for batch in batch_sizes:
                 rows.append(dict(run_target(args, target, batch), round=rnd))
     add_ratios(rows)
     report = {"command": " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]),

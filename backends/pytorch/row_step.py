@@ -7,7 +7,7 @@ so it is bound by how fast those weights are read, and then by per-call overhead
   is measured on, against ~11-13 for MKL's GEMV (`F.linear`) and ~13-19 for oneDNN with
   prepacked weights (benchmarks/linear_kernels_bench.py). It reads fastest over a K-major
   copy of a weight with at least as many outputs as inputs, and over the [N, K] weight
-  (no copy) where a layer has fewer outputs, as the MLP's down projection does.
+  (not transposed) where a layer has fewer outputs, as the MLP's down projection does.
 - The ~30 small ops per layer (layer norms, attention over the cache, GELU, residuals) cost
   ~1 µs each in numpy against ~5-10 µs through torch's dispatcher: ~1.5-2 ms per step
   instead of ~4-7 ms, when the GEMVs take ~20 ms.
@@ -39,7 +39,7 @@ class Gemv:
         # [N, K] keeps the model's tensor alive (once replace_linears has packed it for oneDNN,
         # that is a second copy too); the K-major layout is always a copy.
         self.weight = (weight.contiguous() if self.n_major else weight.t().contiguous()).numpy()
-        self.bias = None if bias is None else bias.detach().numpy()
+        self.bias = None if bias is None else _np(bias)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         y = self.weight @ x if self.n_major else x @ self.weight
@@ -84,7 +84,7 @@ class RowStep:
             scores = np.matmul(keys[:, :end], q[:, :, None])[:, :, 0]
             scores *= self.scale
             if padding.size:
-                scores[:, padding] = np.finfo(np.float32).min
+                scores[:, padding] = _MASKED
             attn = np.matmul(_softmax_(scores)[:, None, :], values[:, :end])
             x = x + out_proj(attn.reshape(-1))
             x = x + down(_gelu_tanh_(fc(self._layer_norm(x, w2, b2))))
@@ -109,6 +109,7 @@ def _softmax_(s: np.ndarray) -> np.ndarray:
 
 
 _GELU_C = math.sqrt(2.0 / math.pi)
+_MASKED = np.finfo(np.float32).min  # as additive_mask: finite, so a fully padded row stays NaN-free
 
 
 def _gelu_tanh_(x: np.ndarray) -> np.ndarray:
