@@ -89,20 +89,30 @@ class Engine:
         if not isinstance(prompt, str):
             raise ConfigError(f"a prompt must be a string, got {type(prompt).__name__}")
         ids = self.tokenizer.encode(prompt) or [self.tokenizer.eos_token_id]
-        limit = self.max_positions - 1  # leave room for at least one new token
-        if len(ids) > limit:
-            if not params.truncate:
-                raise PromptTooLong(
-                    f"prompt has {len(ids)} tokens but the model's context window is "
-                    f"{self.max_positions}; shorten it or enable truncation (--truncate)")
-            ids = ids[-limit:]
-        return ids
+        # As vLLM's API does: the prompt and every requested new token must fit the context
+        # window, so a generation never stops short at the window unless truncation was asked
+        # for, and then the prompt (not the generation) gives way.
+        window, wanted = self.max_positions, params.max_new_tokens
+        room = window - wanted
+        if len(ids) <= room:
+            return ids
+        if room < 1:
+            raise PromptTooLong(f"max_new_tokens {wanted} leaves no room for a prompt in the model's "
+                                f"context window of {window} tokens; ask for at most {window - 1}")
+        if not params.truncate:
+            raise PromptTooLong(
+                f"prompt ({len(ids)} tokens) + max_new_tokens ({wanted}) = {len(ids) + wanted} tokens, "
+                f"beyond the model's context window of {window}; shorten the prompt, lower max_new_tokens, "
+                f"or enable truncation (--truncate) to keep the prompt's last {room} tokens")
+        return ids[-room:]
 
     def score(self, prompts: str | Seq[str], top_k: int = 5, truncate: bool = False) -> list[Score]:
         """One forward pass per prompt: the next token's top_k ids, log-probabilities and logits."""
         if isinstance(prompts, str):
             prompts = [prompts]
-        params = self.sampling_params(truncate=truncate)
+        # Scoring reads the next token's logits and generates nothing: reserve one position, not
+        # the config's max_new_tokens.
+        params = self.sampling_params(truncate=truncate, max_new_tokens=1)
         seqs = [Sequence(i, p, self.encode_prompt(p, params)) for i, p in enumerate(prompts)]
         step = self.config.batching.max_batch_size
         return [s for start in range(0, len(seqs), step) for s in self.score_batch(seqs[start:start + step], top_k)]

@@ -69,8 +69,29 @@ def test_context_window(hf_dir):
     with Engine(model=str(hf_dir)) as engine:
         with pytest.raises(PromptTooLong, match="context window"):
             engine.generate(long_prompt, max_new_tokens=4)
-        c = engine.generate(long_prompt, max_new_tokens=4, truncate=True)[0]
-        assert len(c.prompt_token_ids) == 127 and c.finish_reason == "length" and len(c.token_ids) == 1
+        # Truncation cuts the prompt, never the generation: every requested token comes.
+        c = engine.generate(long_prompt, max_new_tokens=4, truncate=True, ignore_eos=True)[0]
+        assert len(c.prompt_token_ids) == 124 and c.finish_reason == "length" and len(c.token_ids) == 4
+        assert c.prompt_token_ids == engine.tokenizer.encode(long_prompt)[-124:]
+        # A prompt that fits together with max_new_tokens is untouched, even exactly at the window.
+        fits = engine.generate("hello " * 59, max_new_tokens=128 - 60, ignore_eos=True)[0]
+        assert len(fits.prompt_token_ids) == 60 and len(fits.token_ids) == 68
+        with pytest.raises(PromptTooLong, match="no room for a prompt"):
+            engine.generate("hello", max_new_tokens=128, truncate=True)
+        # Scoring generates nothing, so only one position is reserved.
+        assert len(engine.score("hello " * 126)[0].prompt_token_ids) == 127
+
+
+def test_cli_prompt_beyond_context_window_is_one_line_unless_truncated():
+    prompt = "hello " * 250  # 251 tokens; random:tiny has 256 positions
+    proc = run_cli("generate", "-m", "random:tiny", "-n", 8, prompt)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    (line,) = [x for x in proc.stderr.splitlines() if x.startswith("Error")]
+    assert "prompt (251 tokens) + max_new_tokens (8) = 259 tokens" in line and "--truncate" in line
+    proc = run_cli("generate", "-m", "random:tiny", "-n", 8, "--truncate", "--ignore-eos", "--json", prompt,
+                   check=True)
+    out = json.loads(proc.stdout)
+    assert len(out["prompt_token_ids"]) == 248 and len(out["token_ids"]) == 8
 
 
 def test_random_gpt2_generates_text():
