@@ -86,10 +86,13 @@ def run_backend(config: dict, name: str, device: str, prompts: list[str], max_ne
     if device.split(":")[0] not in avail.devices:
         return BackendRun(target, False, f"device '{device}' not available here (backend devices: "
                                          f"{', '.join(avail.devices) or 'none'})")
+    from .config import options_for
+
     cfg = json.loads(json.dumps(config))
-    if cfg["backend"]["name"] != name:
-        cfg["backend"]["options"] = {}  # options in the config belong to the config's backend
-    cfg["backend"].update(name=name, device=device)
+    backend = cfg["backend"]
+    # The rule of generate and bench: this backend's own table, plus flat keys only when it is
+    # the config's backend.name.
+    backend.update(name=name, device=device, options=options_for(backend["options"], backend["name"], name))
     with tempfile.TemporaryDirectory(prefix="mini-engine-compare-") as tmp:
         job = Path(tmp) / "job.json"
         job.write_text(json.dumps({"config": cfg, "prompts": prompts, "max_new_tokens": max_new_tokens,

@@ -18,6 +18,7 @@ try:
 except ModuleNotFoundError:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
+from .core.scheduler_config import SchedulerConfig
 from .errors import ConfigError
 from .sampling import SamplingParams
 
@@ -34,10 +35,84 @@ class ModelConfig:
 
 @dataclass
 class BackendConfig:
+    """`options` as written may hold a table per backend ([backend.options.torch], ...) and flat
+    keys; after construction it holds what the selected backend runs with (see `options_for`),
+    and `written_options` keeps the written form so that selecting another backend later (a
+    CLI flag over a loaded config) resolves again from what the user wrote."""
+
     name: str = "torch"
     device: str = "cpu"
-    # Backend-specific keys, validated by the backend's own Options dataclass.
     options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.written_options = _deep_copy(self.options)
+        self.options = options_for(self.written_options, self.name, self.name)
+        _validate_options(self.written_options, self.name)
+
+    def options_for(self, backend: str) -> dict[str, Any]:
+        """The options `backend` would run with from this config (its own table, plus the flat
+        keys when it is the selected backend)."""
+        return options_for(self.written_options, self.name, backend)
+
+
+def options_for(written: Mapping[str, Any], selected: str, backend: str) -> dict[str, Any]:
+    """The flat options `backend` runs with, from `backend.options` as written for `selected`.
+
+    A table named after an installed backend holds that backend's options and applies only when
+    that backend runs, so one file can configure every backend and swapping is one line. Flat
+    keys are the selected backend's own (backward compatible); they win over its table, so
+    `--set backend.options.KEY=V` overrides a file's table. Any other backend ignores them.
+    """
+    tables, flat = _split_options(written)
+    out = dict(tables.get(backend, {}))
+    if backend == selected:
+        out.update(flat)
+    return out
+
+
+def _split_options(written: Mapping[str, Any]) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+    # Only a table named after an installed backend is a per-backend table; any other key is a
+    # flat option, so a misspelt table name is reported as an unknown option, not ignored.
+    names = _backend_names()
+    tables = {k: dict(v) for k, v in written.items() if k in names and isinstance(v, Mapping)}
+    flat = {k: v for k, v in written.items() if k not in tables}
+    return tables, flat
+
+
+def _backend_names() -> set[str]:
+    from .registry import backend_names
+
+    return set(backend_names())
+
+
+def _validate_options(written: Mapping[str, Any], selected: str) -> None:
+    """Check the selected backend's options here, where it is known which key came from which
+    table, so an error names the key as written; other backends' tables are theirs to check."""
+    from .errors import MiniEngineError
+    from .registry import get_backend
+
+    try:
+        cls = get_backend(selected)
+    except MiniEngineError:
+        return  # an unknown or broken backend is reported, with its reason, when it is loaded
+    tables, flat = _split_options(written)
+    table = tables.get(selected, {})
+    if cls.Options is None:
+        given = [f"backend.options.{selected}.{k}" for k in table] + [f"backend.options.{k}" for k in flat]
+        if given:
+            raise ConfigError(f"backend '{selected}' takes no options (got: {', '.join(given)})")
+        return
+    known = [f.name for f in dataclasses.fields(cls.Options)]
+    unknown = [k for k in flat if k not in known]
+    if unknown:
+        others = sorted(n for n, t in tables.items() if unknown[0] in t and n != selected)
+        hint = (f"; it is in [backend.options.{others[0]}], which applies when backend.name is '{others[0]}'"
+                if others else f"; options of one backend go under [backend.options.<name>]")
+        raise ConfigError(f"unknown config key 'backend.options.{unknown[0]}' for backend '{selected}' "
+                          f"(known: {', '.join(known)}){hint}")
+    build_dataclass(cls.Options, table, f"backend.options.{selected}")
+    build_dataclass(cls.Options, flat, "backend.options")
+    build_dataclass(cls.Options, table | flat, "backend.options")
 
 
 @dataclass
@@ -71,9 +146,14 @@ class Config:
     backend: BackendConfig = field(default_factory=BackendConfig)
     batching: BatchingConfig = field(default_factory=BatchingConfig)
     generation: SamplingParams = field(default_factory=SamplingParams)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)  # continuous batching
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        # The written form, so that load_config(cfg.to_dict(), **{"backend.name": other}) gives
+        # `other` its own table instead of the options resolved for this backend.
+        d["backend"]["options"] = _deep_copy(self.backend.written_options)
+        return d
 
 
 def load_config(

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from ..config import _parse_value, load_config
+from ..config import _parse_value, load_config, options_for
 from ..errors import ConfigError
 
 MODES = ("forward", "generate", "naive-vs-optimized")
@@ -92,10 +92,11 @@ class BenchSpec:
         return f"closed loop, {self.concurrency} clients"
 
     def target_config(self, target: Target) -> dict[str, Any]:
-        """The Config dict for one target: the file's backend options apply to its own backend only."""
+        """The Config dict for one target, by the rule `generate` follows (config.options_for): the
+        target's own [backend.options.<name>] table, plus the flat keys when it is backend.name."""
         raw = {k: dict(v) if isinstance(v, dict) else v for k, v in self.config.items()}
         base = self.config["backend"]
-        options = dict(base["options"]) if base["name"] == target.backend else {}
+        options = options_for(base["options"], base["name"], target.backend)
         options.update(self.options.get(target.backend, {}))
         raw["backend"] = {"name": target.backend, "device": target.device, "options": options}
         return raw

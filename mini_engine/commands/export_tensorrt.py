@@ -8,8 +8,9 @@ from .common import note_random
 
 @click.command("tensorrt")
 @click.option("--config", "-c", "config_path", type=click.Path(dir_okay=False), default=None,
-              help="TOML config: model.source, model.dtype (float16 = --fp16) and, when backend.name is "
-                   "tensorrt, backend.options max_batch/max_seq/opt_batch/workspace_gb/timing_cache.")
+              help="TOML config: model.source, model.dtype (float16 = --fp16) and [backend.options.tensorrt] "
+                   "max_batch/max_seq/opt_batch/workspace_gb/timing_cache (or flat backend.options when "
+                   "backend.name is tensorrt).")
 @click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help="Override a config key.")
 @click.option("--onnx", "onnx_path", type=click.Path(), default=None,
               help="An ONNX export (directory with manifest.json, or its model.onnx) from `export onnx`.")
@@ -36,7 +37,7 @@ def tensorrt_cmd(config_path, overrides, onnx_path, model, out, fp16, max_batch,
     from mini_engine.config import load_config
     from mini_engine.errors import BackendUnavailable, ConfigError, MiniEngineError
     from mini_engine.model.source import resolve_model
-    from mini_engine_backends.tensorrt.runner import TensorRTOptions, TensorRTRunner
+    from mini_engine_backends.tensorrt.runner import TensorRTRunner
     from mini_engine_export.tensorrt_build import BuildOptions, build_plan, model_meta
     from mini_engine_export.tensorrt_cache import cache_root, onnx_for
     from mini_engine_export.tensorrt_profiles import ProfileSettings
@@ -44,8 +45,7 @@ def tensorrt_cmd(config_path, overrides, onnx_path, model, out, fp16, max_batch,
     if onnx_path and model:
         raise ConfigError("give --onnx (an existing export) or --model (export it first), not both")
     cfg = load_config(config_path, overrides, **{"model.source": model})
-    opts = (TensorRTRunner.parse_options(cfg.backend.options) if cfg.backend.name == "tensorrt"
-            else TensorRTOptions())
+    opts = TensorRTRunner.parse_options(cfg.backend.options_for("tensorrt"))
     source = resolve_model(onnx_path or cfg.model.source)
     if onnx_path and source.kind != "onnx":
         raise ConfigError(f"--onnx '{onnx_path}' is not an ONNX export; make one with `mini-engine export onnx`")
