@@ -1,6 +1,13 @@
-"""The engine: config -> runner, then per batch schedule -> run -> postprocess."""
+"""The engine: config -> runner, then per step schedule -> run -> postprocess.
+
+Generation runs on continuous batching (mini_engine.core) for every runner that implements
+the paged contract: requests join and leave the running batch at any step, each with its
+own sampling params. A runner with only the static contract gets static batching
+(`generate_batch`), which also stays as the named baseline of the benchmarks.
+"""
 from __future__ import annotations
 
+import itertools
 import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence as Seq
@@ -8,12 +15,14 @@ from typing import Any, Callable, Mapping, Sequence as Seq
 import numpy as np
 
 from .config import Config, load_config
-from .errors import ConfigError, PromptTooLong
+from .core import BlockManager, Request, Scheduler, SchedulerConfig
+from .detokenizer import Detokenizer
+from .errors import ConfigError, MiniEngineError, PromptTooLong
 from .model.source import resolve_model
 from .registry import get_backend
 from .runner import Runner, RunnerConfig, StepInput
-from .sampling import Sampler, SamplingParams
-from .sequence import Completion, Score, Sequence
+from .sampling import Sampler, SamplingParams, sample_rows
+from .sequence import Completion, RequestOutput, Score, Sequence
 from .tokenizer import Tokenizer, load_tokenizer
 
 
@@ -39,6 +48,48 @@ class Engine:
         self.tokenizer: Tokenizer = load_tokenizer(self.source)
         self.runner.load()
         self.num_steps = 0  # runner steps executed: benchmarks turn it into bandwidth achieved
+        self.runner_s = 0.0  # time inside the runner's execute: the rest is engine overhead
+        self.scheduler: Scheduler | None = None
+        self.kv_capacity = ""
+        self.static_reason = self.runner.paged_unsupported_reason()
+        if self.static_reason is None:
+            try:
+                self._init_scheduler()
+            except BaseException:
+                self.runner.close()
+                raise
+        self._ids = itertools.count()
+
+    def _init_scheduler(self) -> None:
+        sc: SchedulerConfig = self.config.scheduler
+        per_token = self.runner.kv_bytes_per_token
+        blocks = sc.pool_blocks(per_token, self.max_positions)
+        sc.check_model(self.max_positions)
+        self.runner.allocate_kv_pool(blocks, sc.block_size)
+        self.scheduler = Scheduler(sc, BlockManager(blocks, sc.block_size, sc.enable_prefix_caching),
+                                   self.max_positions)
+        tokens = blocks * sc.block_size
+        self.kv_capacity = (f"KV cache: {blocks} blocks x {sc.block_size} tokens = {tokens} tokens "
+                            f"({tokens * per_token / 2**20:.0f} MiB, {tokens / self.max_positions:.1f} full "
+                            f"context windows)")
+
+    @property
+    def continuous(self) -> bool:
+        """Whether generation runs on continuous batching (else static batching)."""
+        return self.scheduler is not None
+
+    def describe(self) -> dict[str, Any]:
+        info = self.runner.describe()
+        if self.scheduler is not None:
+            sc = self.config.scheduler
+            info["generation"] = {"mode": "continuous batching", "kv_capacity": self.kv_capacity,
+                                  "max_num_seqs": sc.max_num_seqs,
+                                  "max_num_batched_tokens": sc.max_num_batched_tokens,
+                                  "chunked_prefill": sc.enable_chunked_prefill,
+                                  "prefix_caching": sc.enable_prefix_caching, "block_size": sc.block_size}
+        else:
+            info["generation"] = {"mode": "static batching", "reason": self.static_reason}
+        return info
 
     @classmethod
     def from_config(cls, path_or_dict: str | Path | Mapping[str, Any] | None = None,
@@ -77,6 +128,8 @@ class Engine:
         elif sampling:
             raise ConfigError("pass either params or sampling keywords, not both")
         encoded = [self.encode_prompt(p, params) for p in prompts]
+        if self.scheduler is not None:
+            return self._generate_continuous(prompts, encoded, params)
         out: list[Completion] = []
         step = self.config.batching.max_batch_size
         for start in range(0, len(prompts), step):
@@ -85,10 +138,139 @@ class Engine:
             out.extend(self.generate_batch(seqs, params))
         return out
 
+    def _generate_continuous(self, prompts, encoded, params: SamplingParams) -> list[Completion]:
+        ids = []
+        try:
+            for i, (text, tokens) in enumerate(zip(prompts, encoded)):
+                seeded = params if params.seed is None else _replace(params, seed=params.seed + i)
+                req = self.add_request(None, tokens, seeded)
+                req.prompt = text
+                ids.append(req.request_id)
+        except BaseException:
+            for rid in ids:
+                self.abort_request(rid)
+            raise
+        done: dict[str, Completion] = {}
+        mine = set(ids)
+        try:
+            while len(done) < len(ids):
+                for out in self.step():
+                    if out.finished and out.request_id in mine:
+                        done[out.request_id] = out.completion
+        except BaseException:
+            for rid in ids:
+                self.abort_request(rid)
+            raise
+        return [done[rid] for rid in ids]
+
+    # ----- the request-level API (continuous batching) ---------------------------------
+    def add_request(self, request_id: str | None, prompt: str | Seq[int], params: SamplingParams | None = None,
+                    arrival_s: float | None = None) -> Request:
+        """Queue a request (a prompt string or token ids) with its own sampling params."""
+        sched = self._require_scheduler()
+        params = params or self.sampling_params()
+        if isinstance(prompt, str):
+            text, ids = prompt, self.encode_prompt(prompt, params)
+        else:
+            text, ids = None, self.check_prompt_ids(prompt, params)
+        rid = f"req-{next(self._ids)}" if request_id is None else str(request_id)
+        req = Request(rid, ids, params, prompt=text, arrival_s=arrival_s or time.perf_counter())
+        if not params.greedy:
+            req.generator = np.random.default_rng(params.seed)
+        req.state = Detokenizer(self.tokenizer, params.stop)
+        sched.add_request(req)
+        return req
+
+    def abort_request(self, request_id: str) -> Request | None:
+        """Stop a request wherever it is; its KV blocks are freed at once."""
+        return self._require_scheduler().abort_request(request_id)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler is not None and self.scheduler.has_unfinished_requests()
+
+    def step(self) -> list[RequestOutput]:
+        """One scheduling round: schedule -> run -> postprocess. Returns what each request got."""
+        sched = self._require_scheduler()
+        plan = sched.schedule()
+        if plan.is_empty:
+            return []
+        t = time.perf_counter()
+        logits = self.runner.execute_paged(plan.to_step())
+        self.runner_s += time.perf_counter() - t
+        self.num_steps += 1
+        sched.update_from_output(plan)
+        return self._postprocess_step([s.request for s in plan.seqs if s.needs_logits], logits)
+
+    def _postprocess_step(self, reqs: list[Request], logits: np.ndarray) -> list[RequestOutput]:
+        tokens = sample_rows(logits, [r.params for r in reqs], [r.generator for r in reqs])
+        now = time.perf_counter()
+        eos = self.tokenizer.eos_token_id
+        outputs = []
+        for req, token in zip(reqs, tokens):
+            if req.finished:
+                continue  # aborted while its step ran
+            if not req.output_ids:
+                req.first_token_s = now
+            req.append_output(token)
+            req.token_s.append(now)
+            detok: Detokenizer = req.state
+            p = req.params
+            reason = None
+            if token == eos and not p.ignore_eos:
+                reason = "stop"  # the EOS token is returned, its text is not
+            elif detok.push(token):
+                reason = "stop"
+            elif len(req.output_ids) >= p.max_new_tokens or req.num_tokens >= self.max_positions:
+                reason = "length"
+            if reason is None:
+                outputs.append(RequestOutput(req.request_id, [token], detok.delta()))
+                continue
+            req.finish_s = now
+            self.scheduler.finish_request(req, reason)
+            outputs.append(RequestOutput(req.request_id, [token], detok.delta(final=True), True, reason,
+                                         self._request_completion(req)))
+        return outputs
+
+    def _request_completion(self, req: Request) -> Completion:
+        t0 = req.arrival_s
+        return Completion(prompt=req.prompt if req.prompt is not None else self.tokenizer.decode(req.prompt_ids),
+                          text=req.state.text, token_ids=list(req.output_ids), prompt_token_ids=list(req.prompt_ids),
+                          finish_reason=req.finish_reason, ttft_ms=(req.first_token_s - t0) * 1e3,
+                          total_ms=(req.finish_s - t0) * 1e3, token_times_ms=[(t - t0) * 1e3 for t in req.token_s],
+                          queue_ms=(req.first_scheduled_s - t0) * 1e3, cached_prompt_tokens=req.num_cached_prompt,
+                          preemptions=req.num_preemptions)
+
+    def stats(self) -> dict[str, Any]:
+        """Scheduler and KV counters (running/waiting, KV usage, prefix-cache hits, preemptions)."""
+        out = self.scheduler.stats() if self.scheduler is not None else {}
+        return out | {"steps": self.num_steps, "runner_s": self.runner_s}
+
+    def _require_scheduler(self) -> Scheduler:
+        if self.scheduler is None:
+            raise MiniEngineError(f"the request API needs continuous batching, which this runner lacks: "
+                                  f"{self.static_reason}")
+        return self.scheduler
+
+    def check_prompt_ids(self, ids: Seq[int], params: SamplingParams) -> list[int]:
+        """Token ids as a prompt: in the vocabulary, non-empty, and within the context window."""
+        vocab = self.source.config.vocab_size
+        try:
+            ids = [int(i) for i in ids]
+        except (TypeError, ValueError):
+            raise ConfigError("a token-id prompt must be a list of integers") from None
+        if not ids:
+            raise ConfigError("a token-id prompt must not be empty")
+        if min(ids) < 0 or max(ids) >= vocab:
+            raise ConfigError(f"prompt token ids must be in 0..{vocab - 1}")
+        return self._fit_window(ids, params)
+
     def encode_prompt(self, prompt: str, params: SamplingParams) -> list[int]:
         if not isinstance(prompt, str):
             raise ConfigError(f"a prompt must be a string, got {type(prompt).__name__}")
         ids = self.tokenizer.encode(prompt) or [self.tokenizer.eos_token_id]
+        return self._fit_window(ids, params)
+
+    def _fit_window(self, ids: list[int], params: SamplingParams) -> list[int]:
         # As vLLM's API does: the prompt and every requested new token must fit the context
         # window, so a generation never stops short at the window unless truncation was asked
         # for, and then the prompt (not the generation) gives way.
@@ -229,6 +411,12 @@ class Engine:
                           prompt_token_ids=list(seq.prompt_ids), finish_reason=seq.finish_reason,
                           ttft_ms=(seq.first_token_s - t0) * 1e3, total_ms=(seq.finish_s - t0) * 1e3,
                           token_times_ms=[(t - t0) * 1e3 for t in seq.token_s])
+
+
+def _replace(params: SamplingParams, **changes: Any) -> SamplingParams:
+    import dataclasses
+
+    return dataclasses.replace(params, **changes)
 
 
 def prefill_step(seqs: list[Sequence], prompt_len: int) -> StepInput:

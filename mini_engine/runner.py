@@ -6,9 +6,12 @@ names its inputs explicitly (token ids, position ids, attention mask, and the
 KV-cache slots each row reads and appends to), so batching policy lives in the
 engine and a runner never has to guess which sequence a row belongs to.
 
-Seams for later work: a paged KV cache adds block tables to `StepInput`
-(slots stay the unit of ownership); CUDA graphs and tensor parallelism are
-private to a runner's `_execute_impl`.
+Two step contracts:
+- `StepInput` (every runner): padded rows, one KV slot per sequence. The engine runs static
+  batching over it.
+- `PagedStep` (runners with `supports_paged`): a ragged, block-addressed step over a pool of
+  fixed-size KV blocks (mini_engine.core.plan). The engine runs continuous batching over it.
+CUDA graphs and tensor parallelism are private to a runner's `_impl` methods.
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ from typing import Any, ClassVar, Sequence
 
 import numpy as np
 
+from .core.plan import PagedStep
 from .errors import BackendUnavailable, ConfigError, MiniEngineError
 from .model.source import ModelSource
 
@@ -80,6 +84,9 @@ class Runner(abc.ABC):
     supported_devices: ClassVar[tuple[str, ...]] = ("cpu",)
     #: Dataclass describing the backend's `[backend.options]` keys, or None.
     Options: ClassVar[type | None] = None
+    #: Whether the runner implements the paged contract (`allocate_kv_pool`, `execute_paged`).
+    #: Runners without it still run: the engine falls back to static batching for them.
+    supports_paged: ClassVar[bool] = False
 
     def __init__(self, config: RunnerConfig):
         if config.device.split(":")[0] not in self.supported_devices:
@@ -92,6 +99,8 @@ class Runner(abc.ABC):
         self._loaded = False
         self._num_slots = 0
         self._max_seq_len = 0
+        self._pool_blocks = 0
+        self._block_size = 0
 
     # ----- discovery -------------------------------------------------------
     @classmethod
@@ -123,6 +132,7 @@ class Runner(abc.ABC):
     def close(self) -> None:
         if self._loaded:
             self.free_kv()
+            self.free_kv_pool()
             self._close_impl()
             self._loaded = False
 
@@ -152,6 +162,59 @@ class Runner(abc.ABC):
         if self._num_slots:
             self._free_kv_impl()
         self._num_slots = self._max_seq_len = 0
+
+    # ----- paged KV pool (runners with supports_paged) -----------------------
+    def paged_unsupported_reason(self) -> str | None:
+        """None when this runner, as configured, can run paged steps; else why not."""
+        return None if self.supports_paged else f"backend '{self.name}' implements only the static step contract"
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """Bytes of K and V one token occupies across all layers (sizes the pool)."""
+        cfg = self.config.model.config
+        return 2 * cfg.n_layer * cfg.n_embd * (2 if self.config.dtype in ("float16", "bfloat16") else 4)
+
+    def allocate_kv_pool(self, num_blocks: int, block_size: int) -> None:
+        """Reserve a pool of `num_blocks` KV blocks of `block_size` tokens each."""
+        self._require_loaded()
+        reason = self.paged_unsupported_reason()
+        if reason:
+            raise MiniEngineError(reason)
+        if num_blocks < 1 or block_size < 1:
+            raise MiniEngineError(f"the KV pool needs >= 1 block of >= 1 token, got {num_blocks} x {block_size}")
+        self._allocate_kv_pool_impl(num_blocks, block_size)
+        self._pool_blocks, self._block_size = num_blocks, block_size
+
+    def free_kv_pool(self) -> None:
+        if self._pool_blocks:
+            self._free_kv_pool_impl()
+        self._pool_blocks = self._block_size = 0
+
+    def execute_paged(self, step: PagedStep) -> np.ndarray:
+        """Run one ragged step; returns float32 logits [len(step.logits_rows), V]."""
+        self._require_loaded()
+        self._validate_paged(step)
+        return self._execute_paged_impl(step)
+
+    def _validate_paged(self, step: PagedStep) -> None:
+        if not self._pool_blocks:
+            raise MiniEngineError("allocate_kv_pool() must be called before execute_paged()")
+        n, b = step.num_tokens, step.num_rows
+        if n < 1 or b < 1:
+            raise MiniEngineError("a step needs at least one row and one token")
+        if step.block_size != self._block_size:
+            raise MiniEngineError(f"step block_size {step.block_size} != the pool's {self._block_size}")
+        if step.position_ids.shape != (n,) or step.slot_mapping.shape != (n,) or step.query_start.shape != (b + 1,):
+            raise MiniEngineError("position_ids and slot_mapping must have one entry per token, query_start B + 1")
+        if step.slot_mapping.min() < 0 or step.slot_mapping.max() >= self._pool_blocks * self._block_size:
+            raise MiniEngineError(f"slot_mapping must lie in 0..{self._pool_blocks * self._block_size - 1}")
+        if step.block_tables.size and step.block_tables.max() >= self._pool_blocks:
+            raise MiniEngineError(f"block tables must name blocks 0..{self._pool_blocks - 1}")
+        cfg = self.config.model.config
+        if step.input_ids.min() < 0 or step.input_ids.max() >= cfg.vocab_size:
+            raise MiniEngineError(f"token ids must be in 0..{cfg.vocab_size - 1}")
+        if step.position_ids.min() < 0 or step.position_ids.max() >= cfg.n_positions:
+            raise MiniEngineError(f"position ids must be in 0..{cfg.n_positions - 1}")
 
     # ----- execution -------------------------------------------------------
     def execute(self, step: StepInput) -> np.ndarray:
@@ -220,6 +283,15 @@ class Runner(abc.ABC):
 
     @abc.abstractmethod
     def _execute_impl(self, step: StepInput) -> np.ndarray: ...
+
+    def _allocate_kv_pool_impl(self, num_blocks: int, block_size: int) -> None:  # pragma: no cover
+        raise MiniEngineError(f"backend '{self.name}' does not implement the paged KV pool")
+
+    def _free_kv_pool_impl(self) -> None:
+        pass
+
+    def _execute_paged_impl(self, step: PagedStep) -> np.ndarray:  # pragma: no cover
+        raise MiniEngineError(f"backend '{self.name}' does not implement paged steps")
 
 
 class NotImplementedRunner(Runner):

@@ -52,19 +52,35 @@ class Sampler:
         return np.array([self._sample(logits[i], self.rngs[r]) for i, r in enumerate(rows)])
 
     def _sample(self, logits: np.ndarray, rng: np.random.Generator) -> int:
-        p = self.params
-        x = logits.astype(np.float64) / p.temperature
-        if p.top_k and p.top_k < x.shape[0]:
-            kth = np.partition(x, -p.top_k)[-p.top_k]
-            x = np.where(x < kth, -np.inf, x)
-        x = x - x.max()
-        probs = np.exp(x)
-        probs /= probs.sum()
-        if p.top_p < 1.0:
-            order = np.argsort(-probs)
-            cum = np.cumsum(probs[order])
-            keep = order[: int(np.searchsorted(cum, p.top_p)) + 1]
-            mask = np.zeros_like(probs)
-            mask[keep] = probs[keep]
-            probs = mask / mask.sum()
-        return int(rng.choice(probs.shape[0], p=probs))
+        return sample_token(logits, self.params, rng)
+
+
+def sample_rows(logits: np.ndarray, params: list[SamplingParams], rngs: list[np.random.Generator | None]) -> list[int]:
+    """One token per row of logits [M, V], each row with its own params and RNG stream.
+
+    Greedy rows are an argmax whatever else shares the batch, so they stay deterministic.
+    """
+    out = logits.argmax(axis=-1).tolist()
+    for i, (p, rng) in enumerate(zip(params, rngs)):
+        if not p.greedy:
+            out[i] = sample_token(logits[i], p, rng)
+    return out
+
+
+def sample_token(logits: np.ndarray, p: SamplingParams, rng: np.random.Generator) -> int:
+    """Temperature, then top-k, then top-p, then a draw from `rng`."""
+    x = logits.astype(np.float64) / p.temperature
+    if p.top_k and p.top_k < x.shape[0]:
+        kth = np.partition(x, -p.top_k)[-p.top_k]
+        x = np.where(x < kth, -np.inf, x)
+    x = x - x.max()
+    probs = np.exp(x)
+    probs /= probs.sum()
+    if p.top_p < 1.0:
+        order = np.argsort(-probs)
+        cum = np.cumsum(probs[order])
+        keep = order[: int(np.searchsorted(cum, p.top_p)) + 1]
+        mask = np.zeros_like(probs)
+        mask[keep] = probs[keep]
+        probs = mask / mask.sum()
+    return int(rng.choice(probs.shape[0], p=probs))

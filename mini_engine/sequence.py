@@ -13,8 +13,12 @@ class Completion:
     finish_reason: str  # "stop" (EOS or stop string) | "length"
     ttft_ms: float
     total_ms: float
-    # When each generated token was ready, ms after the batch started (inter-token latency).
+    # When each generated token was ready, ms after the request arrived (inter-token latency).
+    # (Static batching: after its batch started.)
     token_times_ms: list[float] = field(default_factory=list, repr=False)
+    queue_ms: float = 0.0  # arrival to first scheduled (continuous batching)
+    cached_prompt_tokens: int = 0  # prompt tokens served by the prefix cache
+    preemptions: int = 0  # times the request was preempted and recomputed
 
     @property
     def tokens_per_s(self) -> float:
@@ -67,3 +71,15 @@ class Score:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+@dataclass
+class RequestOutput:
+    """What one engine step produced for one request: the stream's increment."""
+
+    request_id: str
+    new_token_ids: list[int]
+    text: str  # text delta (complete UTF-8 characters only)
+    finished: bool = False
+    finish_reason: str | None = None
+    completion: Completion | None = None  # set on the final output

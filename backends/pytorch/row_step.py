@@ -72,12 +72,11 @@ class RowStep:
         self.values = [v[0].numpy() for v in values]
 
     def __call__(self, token: int, position: int, past_len: int, attention_mask: np.ndarray) -> np.ndarray:
-        """Logits [V] for `token` at `position`, appended to the cache at index `past_len`."""
+        """Logits [V] for `token` at `position`, appended to the bound cache at index `past_len`."""
         end = past_len + 1
         padding = np.flatnonzero(attention_mask[:end] <= 0)  # torch: keys with mask > 0
-        x = self.wte[token] + self.wpe[position]
-        for i, (w1, b1, qkv_proj, out_proj, w2, b2, fc, down) in enumerate(self.layers):
-            q, k, v = qkv_proj(self._layer_norm(x, w1, b1)).reshape(3, self.n_head, self.head_dim)
+
+        def attend(i: int, q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
             keys, values = self.keys[i], self.values[i]
             keys[:, past_len] = k
             values[:, past_len] = v
@@ -85,8 +84,24 @@ class RowStep:
             scores *= self.scale
             if padding.size:
                 scores[:, padding] = _MASKED
-            attn = np.matmul(_softmax_(scores)[:, None, :], values[:, :end])
-            x = x + out_proj(attn.reshape(-1))
+            return np.matmul(_softmax_(scores)[:, None, :], values[:, :end]).reshape(-1)
+
+        return self._forward(token, position, attend)
+
+    def paged(self, token: int, position: int, kv) -> np.ndarray:
+        """Logits [V] for one token of a paged step (`kv`: a PagedKV over the block pool)."""
+        shape = (1, self.n_head, self.head_dim)
+
+        def attend(i: int, q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
+            return kv.attend_np(i, q.reshape(shape), k.reshape(shape), v.reshape(shape)).reshape(-1)
+
+        return self._forward(token, position, attend)
+
+    def _forward(self, token: int, position: int, attend) -> np.ndarray:
+        x = self.wte[token] + self.wpe[position]
+        for i, (w1, b1, qkv_proj, out_proj, w2, b2, fc, down) in enumerate(self.layers):
+            q, k, v = qkv_proj(self._layer_norm(x, w1, b1)).reshape(3, self.n_head, self.head_dim)
+            x = x + out_proj(attend(i, q, k, v))
             x = x + down(_gelu_tanh_(fc(self._layer_norm(x, w2, b2))))
         return self.lm_head(self._layer_norm(x, *self.ln_f))
 

@@ -42,6 +42,7 @@ class TorchRunner(Runner):
     name = "torch"
     supported_devices = ("cpu", "cuda")
     Options = TorchOptions
+    supports_paged = True
 
     @classmethod
     def availability(cls) -> Availability:
@@ -131,6 +132,43 @@ class TorchRunner(Runner):
         # Buffers stay for reuse by a batch of the same geometry; close() drops them.
         self.layout = []
 
+    # ----- paged KV pool (continuous batching) ----------------------------------------
+    def paged_unsupported_reason(self) -> str | None:
+        # The pool's attention kernel (paged_attention.py) is a CPU float32 kernel. CUDA keeps the
+        # static path, whose CUDA-graph decode is measured; bfloat16 has no kernel yet.
+        if self.config.device != "cpu":
+            return "the torch backend's paged KV cache runs on CPU only; CUDA uses static batching (CUDA graphs)"
+        if self.config.dtype != "float32":
+            return f"the torch backend's paged KV cache runs float32 only, not {self.config.dtype}"
+        return None
+
+    def _allocate_kv_pool_impl(self, num_blocks: int, block_size: int) -> None:
+        from . import paged_attention
+
+        cfg = self.config.model.config
+        shape = (num_blocks, cfg.n_head, block_size, cfg.head_dim)
+        # numpy views of torch-owned memory: the kernel reads them in place.
+        self.pool_keys = [self.torch.zeros(shape).numpy() for _ in range(cfg.n_layer)]
+        self.pool_values = [self.torch.zeros(shape).numpy() for _ in range(cfg.n_layer)]
+        self.kernel_threads = paged_attention.set_threads(self.options.threads or self.torch.get_num_threads())
+
+    def _free_kv_pool_impl(self) -> None:
+        self.pool_keys = self.pool_values = []
+
+    def _execute_paged_impl(self, step) -> np.ndarray:
+        from .paged_attention import PagedKV
+
+        torch = self.torch
+        cfg = self.config.model.config
+        kv = PagedKV(self.pool_keys, self.pool_values, step, cfg.n_head, cfg.head_dim)
+        if self.row_step is not None and step.num_tokens == 1:
+            logits = self.row_step.paged(int(step.input_ids[0]), int(step.position_ids[0]), kv)[None]
+            return logits[:len(step.logits_rows)]  # a one-token prefill chunk that is not the prompt's end
+        with torch.inference_mode():
+            logits = self.model.paged_step(torch.from_numpy(step.input_ids), torch.from_numpy(step.position_ids),
+                                           kv, torch.from_numpy(step.logits_indices))
+        return logits.numpy()
+
     # ----- execution -----------------------------------------------------------
     def _execute_impl(self, step: StepInput) -> np.ndarray:
         torch = self.torch
@@ -173,6 +211,7 @@ class TorchRunner(Runner):
             info["threads"] = self.torch.get_num_threads()
             info["torch"] = self.torch.__version__
             info["gemv"] = "blas" if self.row_step is not None else "off"
+            info["paged"] = self.paged_unsupported_reason() or "numba paged-attention kernel over the KV block pool"
             info["cuda_graphs"] = self.graphs.describe() if self.graphs is not None else None
         return info
 

@@ -57,6 +57,11 @@ class Attention(nn.Module):
 
     def forward(self, x, mask, kv, layer: int):
         b, t, d = x.shape
+        if hasattr(kv, "attend"):
+            # A paged cache ([1, N, d]: a ragged step's tokens, row after row) does its own
+            # attention over each row's blocks; there is no mask.
+            q, k, v = self.c_attn(x).view(t, 3, self.n_head, self.head_dim).unbind(1)
+            return self.c_proj(kv.attend(layer, q, k, v).view(1, t, d))
         q, k, v = self.c_attn(x).split(d, dim=2)
         q, k, v = (y.view(b, t, self.n_head, self.head_dim).transpose(1, 2) for y in (q, k, v))
         k, v = kv.update(layer, k, v)
@@ -124,6 +129,14 @@ class GPT2(nn.Module):
         if last_only:
             x = x[:, -1, :]
         return self.lm_head(self.ln_f(x)).float()
+
+
+    def paged_step(self, input_ids, position_ids, kv, logits_indices):
+        """A ragged step: input_ids/position_ids [N] (rows back to back), logits at logits_indices."""
+        x = (self.wte(input_ids) + self.wpe(position_ids))[None]
+        for i, block in enumerate(self.h):
+            x = block(x, None, kv, i)
+        return self.lm_head(self.ln_f(x[0, logits_indices])).float()
 
 
 class LastPositionLogits(nn.Module):
