@@ -19,7 +19,6 @@ except ModuleNotFoundError:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 from .core.scheduler_config import SchedulerConfig
-from .core.scheduler_config import SchedulerConfig
 from .errors import ConfigError
 from .sampling import SamplingParams
 
