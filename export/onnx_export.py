@@ -15,6 +15,7 @@ instead of ~500 MB for gpt2), which `tie_lm_head` removes again.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -50,10 +51,24 @@ class ExportResult:
         return self.manifest.model_file
 
 
+def in_cache(out: Path) -> bool:
+    """Whether `out` is an export made on first use in a cache (<root>/onnx/<16 hex digits>, the
+    onnxruntime backend's layout): the user never named that directory, so the messages must say
+    where it is and how to get rid of it."""
+    root = Path(os.environ.get("MINI_ENGINE_CACHE") or "~/.cache/mini-engine").expanduser()
+    return (out.parent.resolve() == (root / "onnx").resolve()
+            or out.parent.name == "onnx" and re.fullmatch(r"[0-9a-f]{16}", out.name) is not None)
+
+
 def export_onnx(source: ModelSource, out: Path, opset: int = DEFAULT_OPSET, optimize: bool = False,
                 fp16: bool = False, validate: bool = True, force: bool = False, exporter: str = "dynamo",
-                logits: str = "all", log: Callable[[str], None] = lambda s: None) -> ExportResult:
-    """Export `source` into directory `out` (reusing an identical earlier export unless `force`)."""
+                logits: str = "all", log: Callable[[str], None] = lambda s: None,
+                cache: bool | None = None) -> ExportResult:
+    """Export `source` into directory `out` (reusing an identical earlier export unless `force`).
+
+    `cache`: `out` is a cache entry made on first use rather than a directory the user chose
+    (None: when it lies in the default cache), which changes what the messages tell the user.
+    """
     if source.kind == "onnx":
         raise ConfigError(f"'{source.spec}' is already an ONNX export; pass the checkpoint or random:<preset>")
     if exporter not in EXPORTERS:
@@ -63,12 +78,14 @@ def export_onnx(source: ModelSource, out: Path, opset: int = DEFAULT_OPSET, opti
     if logits not in mf.LOGITS_MODES:
         raise ConfigError(f"logits must be one of {', '.join(mf.LOGITS_MODES)}, got '{logits}'")
     out = Path(out).expanduser()
+    cache = in_cache(out) if cache is None else cache
     precision = "float16" if fp16 else "float32"
     request = mf.export_request(source, opset, precision, optimize, exporter, logits)
     existing = mf.Manifest.read(out) if out.is_dir() else None
     if existing is not None and not force:
         if existing.matches(request) and (existing.data.get("validation") or {}).get("passed", True):
-            log(f"reusing the export in {out} (same model and settings; --force re-exports)")
+            how = "delete that directory to re-export" if cache else "`mini-engine export onnx --force` re-exports"
+            log(f"reusing the export in {out} (same model and settings; {how})")
             return ExportResult(out, existing, reused=True)
         if existing.data.get("request") != request:
             raise ExportError(f"{out} holds an export with different settings "
@@ -93,6 +110,12 @@ def export_onnx(source: ModelSource, out: Path, opset: int = DEFAULT_OPSET, opti
     if result.validation is not None and not result.validation.passed:
         raise ExportError(f"validation failed: {result.validation.failure()} (the export stays in {out} "
                           f"for inspection and will not be reused)")
+    size = f"{sum(f.stat().st_size for f in out.rglob('*') if f.is_file()) / 1e6:.0f} MB"
+    if cache:
+        log(f"cached the export ({size}) in {out}: reused while the model and settings stay the same; "
+            f"`rm -rf {out.parent}` clears the export cache (MINI_ENGINE_CACHE moves it)")
+    else:
+        log(f"wrote {out} ({size})")
     return result
 
 

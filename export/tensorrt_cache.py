@@ -48,7 +48,7 @@ def onnx_for(source: ModelSource, dtype: str, root: Path, log=lambda s: None) ->
 
     precision = "float16" if dtype == "float16" else "float32"
     out = root / "onnx" / f"{source.fingerprint()}-{precision}"
-    result = export_onnx(source, out, fp16=precision == "float16", log=log)
+    result = export_onnx(source, out, fp16=precision == "float16", log=log, cache=True)
     recorded = result.manifest.data.get("sha256", {}).get(result.model_file.name)
     return result.model_file, precision, recorded or file_sha256(result.model_file)
 

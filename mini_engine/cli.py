@@ -9,7 +9,7 @@ import traceback
 import click
 
 from .commands import register_commands
-from .commands.common import build_config, config_options, note_random
+from .commands.common import build_config, check_device, config_options, note_random
 from .errors import MiniEngineError
 
 
@@ -60,15 +60,20 @@ def backends(as_json):
 
 @cli.command()
 @config_options
-@click.option("--max-new-tokens", "-n", type=click.IntRange(min=1), default=None)
+@click.option("--max-new-tokens", "-n", type=click.IntRange(min=1), default=None,
+              show_default="generation.max_new_tokens, 32 unless the config sets it",
+              help="Tokens to generate per prompt; prompt + this must fit the context window.")
 @click.option("--temperature", "-t", type=click.FloatRange(min=0), default=None, help="0 = greedy.")
 @click.option("--top-k", type=click.IntRange(min=0), default=None)
 @click.option("--top-p", type=click.FloatRange(min=0, max=1, min_open=True), default=None)
 @click.option("--seed", type=int, default=None)
 @click.option("--stop", multiple=True, help="Stop string (repeatable).")
-@click.option("--truncate", is_flag=True, default=None, help="Keep the end of prompts longer than the context window.")
+@click.option("--truncate", is_flag=True, default=None,
+              help="Cut a prompt that does not fit the context window together with --max-new-tokens to its "
+                   "last tokens (otherwise that is an error).")
 @click.option("--ignore-eos", is_flag=True, default=None, help="Keep generating past <|endoftext|>.")
-@click.option("--json", "as_json", is_flag=True, help="One JSON object per prompt.")
+@click.option("--json", "as_json", is_flag=True,
+              help="One JSON object per prompt (README: which timings are per request, which per batch).")
 @click.argument("prompts", nargs=-1, required=True)
 def generate(config_path, overrides, model, backend, device, dtype, max_new_tokens, temperature, top_k,
              top_p, seed, stop, truncate, ignore_eos, as_json, prompts):
@@ -76,20 +81,40 @@ def generate(config_path, overrides, model, backend, device, dtype, max_new_toke
     from .engine import Engine
 
     cfg = build_config(config_path, overrides, model, backend, device, dtype)
+    check_device(cfg)
     with Engine(config=cfg) as engine:
         note_random(cfg.model.source)  # after loading, so a bad input still gets exactly one error line
         params = engine.sampling_params(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                                         top_p=top_p, seed=seed, stop=list(stop) or None,
                                         truncate=truncate, ignore_eos=ignore_eos)
         completions = engine.generate(list(prompts), params)
+        per_request = engine.continuous
     target = f"{cfg.backend.name}:{cfg.backend.device}"
     for c in completions:
         if as_json:
-            click.echo(json.dumps(c.to_dict() | {"backend": cfg.backend.name, "device": cfg.backend.device}))
+            click.echo(json.dumps(completion_json(c, per_request)
+                                  | {"backend": cfg.backend.name, "device": cfg.backend.device}))
         else:
             click.echo(c.prompt + c.text)
-            click.echo(f"[{target}] {len(c.token_ids)} tokens, finish={c.finish_reason}, "
-                       f"TTFT {c.ttft_ms:.0f} ms, {c.tokens_per_s:.1f} tokens/s", err=True)
+            timing = (f"TTFT {c.ttft_ms:.0f} ms, {c.tokens_per_s:.1f} tokens/s" if per_request else
+                      f"batch TTFT {c.ttft_ms:.0f} ms, {c.tokens_per_s:.1f} tokens/s since its batch started")
+            click.echo(f"[{target}] {len(c.token_ids)} tokens, finish={c.finish_reason}, {timing}", err=True)
+
+
+# Under static batching (backends without the paged KV contract) prompts run max_batch_size at a
+# time and a Completion's times count from the start of its batch: every prompt of a batch gets
+# its first token from the same prefill, and later batches leave out the wait for earlier ones.
+# Those are batch figures, so they carry batch names (and queue_ms, never measured there, is
+# left out); under continuous batching they are the request's own, from the generate() call.
+BATCH_TIMINGS = {"ttft_ms": "batch_ttft_ms", "total_ms": "batch_total_ms", "tokens_per_s": "batch_tokens_per_s",
+                 "tpot_ms": "batch_tpot_ms"}
+
+
+def completion_json(c, per_request: bool) -> dict:
+    d = c.to_dict()
+    if per_request:
+        return d
+    return {BATCH_TIMINGS.get(k, k): v for k, v in d.items() if k != "queue_ms"}
 
 
 register_commands(cli)

@@ -94,6 +94,39 @@ def test_cli_prompt_beyond_context_window_is_one_line_unless_truncated():
     assert len(out["prompt_token_ids"]) == 248 and len(out["token_ids"]) == 8
 
 
+def test_tensorrt_on_a_machine_without_it_gives_both_reasons():
+    from mini_engine.registry import get_backend
+
+    avail = get_backend("tensorrt").availability()
+    proc = run_cli("generate", "-m", "random:tiny", "--backend", "tensorrt", "x")
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "does not support device 'cpu' (supported: cuda)" in proc.stderr
+    if not avail.available:  # e.g. "TensorRT is not installed (...); no CUDA device (...)"
+        assert f"nor can it run on this machine: {avail.reason}" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_json_timings_say_whether_they_are_per_request_or_per_batch(tmp_path):
+    from mini_engine import Engine
+
+    batch_keys = {"batch_ttft_ms", "batch_total_ms", "batch_tokens_per_s", "batch_tpot_ms"}
+    request_keys = {"ttft_ms", "total_ms", "tokens_per_s", "tpot_ms", "queue_ms"}
+    for backend in ("torch", "onnxruntime"):
+        proc = run_cli("generate", "-m", "random:tiny", "-b", backend, "-n", 2, "--json", "Hi", check=True,
+                       env={"MINI_ENGINE_CACHE": str(tmp_path)})
+        keys = set(json.loads(proc.stdout))
+        with Engine(model="random:tiny", backend=backend, **({"cache_dir": str(tmp_path)}
+                                                              if backend == "onnxruntime" else {})) as engine:
+            continuous = engine.continuous
+        assert request_keys <= keys and not batch_keys & keys if continuous else \
+            batch_keys <= keys and not request_keys & keys, (backend, keys)
+
+
+def test_max_new_tokens_help_says_what_and_the_default():
+    out = run_cli("generate", "--help", check=True).stdout
+    assert "Tokens to generate per prompt" in out and "generation.max_new_tokens, 32" in out
+
+
 def test_random_gpt2_generates_text():
     proc = run_cli("generate", "--model", "random:gpt2", "-n", 4, "Hello", check=True)
     assert proc.stdout.startswith("Hello") and len(proc.stdout) > len("Hello\n")

@@ -89,6 +89,7 @@ def test_reuse_then_settings_mismatch_then_force(tiny_export, tmp_path):
     before = (out / "model.onnx").stat().st_mtime_ns
     proc = run_cli("export", "onnx", "--model", "random:tiny", "--out", out, check=True)
     assert "reusing" in proc.stderr and (out / "model.onnx").stat().st_mtime_ns == before
+    assert "`mini-engine export onnx --force` re-exports" in proc.stderr
 
     proc = run_cli("export", "onnx", "--model", "random:tiny", "--out", out, "--exporter", "torchscript")
     assert proc.returncode != 0 and "different settings" in proc.stderr and "--force" in proc.stderr

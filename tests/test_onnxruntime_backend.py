@@ -88,6 +88,25 @@ def test_any_model_spec_is_exported_on_first_use(ort_cache):
     assert json.loads(proc.stdout)["token_ids"] == a.token_ids and "reusing the export" in proc.stderr
 
 
+def test_first_use_export_says_once_where_it_went_and_how_to_clear_it(tmp_path):
+    env = {"MINI_ENGINE_CACHE": str(tmp_path / "cache")}
+    args = ("generate", "--backend", "onnxruntime", "--model", "random:tiny", "-n", 2, "Hello")
+    first = run_cli(*args, env=env, check=True).stderr
+    (entry,) = (tmp_path / "cache" / "onnx").iterdir()
+    assert f"cached the export" in first and str(entry) in first
+    assert f"rm -rf {tmp_path / 'cache' / 'onnx'}" in first and "MINI_ENGINE_CACHE" in first
+    again = run_cli(*args, env=env, check=True).stderr
+    # generate has no --force: the reuse line names what does re-export.
+    assert f"reusing the export in {entry}" in again and "delete that directory" in again
+    assert "--force" not in again and "cached the export" not in again
+
+
+def test_export_of_a_random_model_gets_the_random_weights_note(tiny_last_export):
+    out, _ = tiny_last_export
+    proc = run_cli("generate", "--backend", "onnxruntime", "--model", out, "-n", 2, "Hello", check=True)
+    assert f"note: {out} is an export of random:tiny, which has seeded random weights" in proc.stderr
+
+
 def test_last_position_export_generates_like_torch_and_refuses_all_logits(tiny_last_export):
     from mini_engine import Engine
     from mini_engine.errors import MiniEngineError

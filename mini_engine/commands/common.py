@@ -27,6 +27,47 @@ def build_config(config_path, overrides, model, backend, device, dtype):
 
 
 def note_random(source_spec: str) -> None:
-    if source_spec.startswith("random:"):
-        click.echo(f"note: {source_spec} has seeded random weights: timings are real, the text is meaningless",
-                   err=True)
+    origin = random_origin(source_spec)
+    if origin is None:
+        return
+    what = origin if origin == source_spec else f"{source_spec} is an export of {origin}, which"
+    click.echo(f"note: {what} has seeded random weights: timings are real, the text is meaningless", err=True)
+
+
+def random_origin(source_spec: str) -> str | None:
+    """The random:<preset> whose seeded weights `source_spec` holds: itself, or for an ONNX export
+    what its manifest says it was made from; None for real weights or a spec that does not resolve."""
+    import json
+
+    from ..errors import MiniEngineError
+    from ..model.source import MANIFEST, RANDOM_PREFIX, resolve_model
+
+    if source_spec.startswith(RANDOM_PREFIX):
+        return source_spec
+    try:
+        source = resolve_model(source_spec)
+        if source.kind != "onnx":
+            return None
+        model = json.loads((source.path / MANIFEST).read_text()).get("model", {})
+    except (MiniEngineError, OSError, ValueError, AttributeError):
+        return None  # resolving reports a bad spec where it matters; a note must not fail
+    return model.get("spec") if model.get("kind") == "random" else None
+
+
+def check_device(cfg) -> None:
+    """A device the backend never supports is a config mistake, but when the backend could not run
+    here on any device the user also needs that reason (e.g. tensorrt on a CPU-only machine: no
+    TensorRT and no GPU), so say both in the one error line."""
+    from ..errors import ConfigError
+    from ..registry import get_backend
+
+    cls = get_backend(cfg.backend.name)
+    device = cfg.backend.device
+    if device.split(":")[0] in cls.supported_devices:
+        return
+    message = (f"backend '{cls.name}' does not support device '{device}' "
+               f"(supported: {', '.join(cls.supported_devices)})")
+    avail = cls.availability()
+    if not avail.available:
+        message += f"; nor can it run on this machine: {avail.reason}"
+    raise ConfigError(message)
