@@ -36,7 +36,7 @@ def test_tiny_forward_sweep_writes_csv_json_png_and_lists_unavailable_targets_as
         assert float(r["peak_rss_mb"]) > 50 and float(r["bandwidth_gbps"]) > 0
         assert float(r["machine_bandwidth_gbps"]) > 0 and r["threads"]
     skipped = {r["target"]: r["reason"] for r in rows if r["status"] == "skipped"}
-    assert "not installed" in skipped["nosuch:cpu"]
+    assert "unknown backend 'nosuch'" in skipped["nosuch:cpu"]
     assert "tensorrt" in skipped["tensorrt:cpu"]
 
     result = json.loads((out / "bench.json").read_text())
@@ -53,6 +53,7 @@ def test_tiny_forward_sweep_writes_csv_json_png_and_lists_unavailable_targets_as
                  "latency_p50_p95_vs_batch_size.png", "summary.png"):
         assert (out / name).read_bytes()[:8] == PNG_MAGIC
     assert "torch:cpu" in proc.stdout and "skipped: nosuch:cpu" in proc.stdout
+    assert f"wrote {out}: bench.csv, bench.json, 4 plots (" in proc.stderr and "logs/" in proc.stderr
 
 
 def test_naive_vs_optimized_generate_table(tmp_path):
@@ -72,6 +73,46 @@ def test_naive_vs_optimized_generate_table(tmp_path):
     assert row["tokens_generated"] == 16 and row["speedup"] > 0
     assert (out / "naive_vs_optimized.csv").exists()
     assert "speedup" in proc.stdout
+
+
+def _bench_nothing_measurable(*args, cwd):
+    """A bench run in which no target can run: quick, and exactly the case that once left stale plots."""
+    from conftest import CLI
+
+    return subprocess.run(CLI + ["bench", "--model", "random:tiny", "--targets", "nosuch:cpu", "--no-progress",
+                                 *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=300)
+
+
+def test_default_out_is_a_new_directory_per_run(tmp_path):
+    runs = [_bench_nothing_measurable(cwd=tmp_path) for _ in range(2)]
+    dirs = sorted((tmp_path / "result" / "bench").iterdir())
+    assert len(dirs) == 2  # the second run did not overwrite the first, even within the same second
+    for proc, d in zip(runs, dirs):
+        assert proc.returncode != 0 and "no target could be measured" in proc.stderr
+        assert f"wrote {d.relative_to(tmp_path)}: bench.csv, bench.json, no plots (no target was measured)" \
+            in proc.stderr
+        assert sorted(p.name for p in d.iterdir() if p.is_file()) == ["bench.csv", "bench.json"]
+
+
+def test_non_empty_out_is_refused_without_force_and_force_leaves_no_stale_plots(tmp_path):
+    out = tmp_path / "old"
+    (out / "logs").mkdir(parents=True)
+    for name in ("bench.csv", "summary.png", "throughput_vs_batch_size.png", "naive_vs_optimized.csv",
+                 "logs/torch_cpu.log", "notes.txt"):
+        (out / name).write_text("earlier run")
+    proc = _bench_nothing_measurable("--out", out, cwd=tmp_path)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [f"Error: --out {out} is not empty; pass --force to replace the "
+                                                f"results in it, or choose another directory (without --out "
+                                                f"each run gets a new result/bench/<UTC time>)"]
+    assert (out / "bench.csv").read_text() == "earlier run"
+
+    proc = _bench_nothing_measurable("--out", out, "--force", cwd=tmp_path)
+    assert "no plots (no target was measured)" in proc.stderr and "and plots" not in proc.stderr
+    left = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    assert left == ["bench.csv", "bench.json", "notes.txt"]  # the user's own file stays
+    with (out / "bench.csv").open() as f:
+        assert [r["status"] for r in csv.DictReader(f)] == ["skipped"] * 5
 
 
 def test_bad_flags_are_one_line_errors(tmp_path):

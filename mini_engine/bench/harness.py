@@ -17,7 +17,8 @@ from .spec import BenchSpec, Target
 
 
 def run_bench(spec: BenchSpec, out: Path, progress: bool = True, command: str = "") -> dict[str, Any]:
-    """Run every target of `spec`, write CSV/JSON/PNG under `out`, return the result dict."""
+    """Run every target of `spec`, write CSV/JSON/PNG under `out`, return the result dict (its
+    "written" lists the files written). The CLI checks `out` first (report.prepare_out)."""
     from ..devices import module_installed
 
     missing = [m for m in ("tqdm", "matplotlib") if not module_installed(m)]
@@ -71,7 +72,8 @@ def run_bench(spec: BenchSpec, out: Path, progress: bool = True, command: str = 
         "best_vs_batch1": report.best_vs_batch1(rows),
         "comparison": report.comparison(rows) if spec.mode == "naive-vs-optimized" else [],
     }
-    report.write_all(result, out)
+    # Not in bench.json: the files this call wrote (no plots when no target was measured).
+    result["written"] = report.write_all(result, out)
     return result
 
 
@@ -80,7 +82,7 @@ def skip_reason(target: Target) -> str | None:
     infos = {i.name: i for i in list_backends()}
     info = infos.get(target.backend)
     if info is None:
-        return f"backend '{target.backend}' is not installed (installed: {', '.join(infos) or 'none'})"
+        return f"unknown backend '{target.backend}' (installed: {', '.join(infos) or 'none'})"
     if not info.available:
         return info.reason or "unavailable"
     kind = target.device.split(":")[0]

@@ -6,10 +6,45 @@ import json
 from pathlib import Path
 from typing import Any, Callable
 
+from ..errors import MiniEngineError
 from .metrics import COLUMNS
 
 PLOTS = ("throughput_vs_batch_size.png", "latency_mean_vs_batch_size.png", "latency_p50_p95_vs_batch_size.png",
          "summary.png")
+OUTPUTS = ("bench.csv", "bench.json", "naive_vs_optimized.csv") + PLOTS
+DEFAULT_ROOT = Path("result") / "bench"
+
+
+def prepare_out(out: Path | None, force: bool = False) -> Path:
+    """The directory a run writes to: `out`, or a new DEFAULT_ROOT/<UTC time> when None.
+
+    A non-empty `out` holds someone's results: refused unless `force`, and then the files a run
+    writes are removed first, so nothing of the earlier run (plots, a comparison, logs of other
+    targets) can pass for part of this one.
+    """
+    if out is None:
+        from datetime import datetime, timezone
+
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        out = DEFAULT_ROOT / stamp
+        n = 1
+        while out.exists():  # two runs within a second
+            n += 1
+            out = DEFAULT_ROOT / f"{stamp}-{n}"
+    elif out.exists() and not out.is_dir():
+        raise MiniEngineError(f"--out {out} is a file, not a directory")
+    elif out.is_dir() and any(out.iterdir()):
+        if not force:
+            raise MiniEngineError(f"--out {out} is not empty; pass --force to replace the results in it, or "
+                                  f"choose another directory (without --out each run gets a new "
+                                  f"{DEFAULT_ROOT}/<UTC time>)")
+        for name in OUTPUTS:
+            (out / name).unlink(missing_ok=True)
+        if (out / "logs").is_dir():
+            for log in (out / "logs").glob("*.log"):
+                log.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    return out
 
 
 def write_all(result: dict[str, Any], out: Path) -> list[Path]:
@@ -19,6 +54,11 @@ def write_all(result: dict[str, Any], out: Path) -> list[Path]:
         written.append(write_csv(result["comparison"], out / "naive_vs_optimized.csv",
                                  fields=list(result["comparison"][0])))
     written += write_plots(result["results"], out)
+    # Whatever this run did not write is not this run's: a plot or a comparison left from an
+    # earlier run beside the new CSV would be read as its result.
+    for name in OUTPUTS:
+        if out / name not in written:
+            (out / name).unlink(missing_ok=True)
     return written
 
 

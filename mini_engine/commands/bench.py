@@ -39,18 +39,21 @@ from .common import note_random
 @click.option("--option", "options", multiple=True, metavar="BACKEND.KEY=VALUE",
               help="A backend option for one backend (repeatable), e.g. --option torch.threads=2.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the prompts and arrivals.")
-@click.option("--out", "-o", type=click.Path(file_okay=False), default="result/bench", show_default=True,
-              help="Directory for bench.csv, bench.json, *.png and per-target logs.")
+@click.option("--out", "-o", type=click.Path(file_okay=False), default=None,
+              help="Directory for bench.csv, bench.json, *.png and per-target logs [default: a new "
+                   "result/bench/<UTC time> per run].")
+@click.option("--force", is_flag=True,
+              help="Write into a non-empty --out: its earlier results (CSVs, JSON, plots, logs) are removed first.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar on stderr.")
 def command(config_path, overrides, model, dtype, targets, batch_sizes, requests, trials, mode, prompt_len,
-            max_new_tokens, concurrency, request_rate, warmup, top_k, options, seed, out, progress):
+            max_new_tokens, concurrency, request_rate, warmup, top_k, options, seed, out, force, progress):
     """Measure throughput and latency per target and batch size; write a table, CSV, JSON and plots.
 
     Each target runs in its own process; each batch size is the dynamic batcher's
     max_batch_size while single-sample requests arrive from concurrent clients.
     """
     from ..bench import BenchSpec, run_bench
-    from ..bench.report import print_report
+    from ..bench.report import prepare_out, print_report
     from ..bench.spec import parse_batch_sizes, parse_options, parse_targets, resolve_config
 
     if requests is not None and requests < 1 or trials is not None and trials < 1:
@@ -60,11 +63,17 @@ def command(config_path, overrides, model, dtype, targets, batch_sizes, requests
                      requests=requests or 0, trials=trials or 0, prompt_len=prompt_len,
                      max_new_tokens=max_new_tokens, concurrency=concurrency, request_rate=request_rate,
                      warmup=warmup, top_k=top_k, seed=seed, config=config, options=parse_options(options))
+    out_dir = prepare_out(Path(out) if out else None, force)  # before measuring: minutes are not lost to a refusal
     note_random(config["model"]["source"])
-    out_dir = Path(out)
     result = run_bench(spec, out_dir, progress=progress, command=_command_line())
     print_report(result, click.echo)
-    click.echo(f"wrote {out_dir}/bench.csv, bench.json and plots", err=True)
+    names = [str(p.relative_to(out_dir)) for p in result["written"]]
+    plots = [n for n in names if n.endswith(".png")]
+    files = [n for n in names if not n.endswith(".png")] + ([f"{len(plots)} plots ({', '.join(plots)})"] if plots
+                                                            else ["no plots (no target was measured)"])
+    if any((out_dir / "logs").glob("*.log")):
+        files.append("logs/")
+    click.echo(f"wrote {out_dir}: {', '.join(files)}", err=True)
     if not any(r["status"] == "ok" for r in result["results"]):
         raise click.ClickException("no target could be measured (reasons above)")
 
