@@ -35,17 +35,23 @@ class Scheduler:
     def add_request(self, req: Request) -> None:
         if req.request_id in self.requests:
             raise MiniEngineError(f"request id '{req.request_id}' is already in use")
-        bm = self.block_manager
-        longest = min(req.num_prompt_tokens + req.params.max_new_tokens, self.max_model_len)
-        if bm.blocks_for(longest) > bm.num_blocks:
-            raise PromptTooLong(
-                f"request '{req.request_id}' needs up to {longest} tokens of KV cache ({req.num_prompt_tokens} prompt "
-                f"+ {req.params.max_new_tokens} new) but the pool holds {bm.num_blocks * bm.block_size} "
-                f"({bm.num_blocks} blocks of {bm.block_size}); raise scheduler.kv_cache_mib or "
-                f"scheduler.num_kv_blocks, or ask for fewer tokens")
+        self.check_fits(req.num_prompt_tokens, req.params.max_new_tokens)
         req.status = RequestStatus.WAITING
         self.requests[req.request_id] = req
         self.waiting.append(req)
+
+    def check_fits(self, num_prompt: int, max_new_tokens: int) -> None:
+        """Refuse a request the pool could never hold, even alone (it would wait forever).
+
+        Reads only constants, so any thread may call it.
+        """
+        bm = self.block_manager
+        longest = min(num_prompt + max_new_tokens, self.max_model_len)
+        if bm.blocks_for(longest) > bm.num_blocks:
+            raise PromptTooLong(
+                f"the request needs up to {longest} tokens of KV cache ({num_prompt} prompt + {max_new_tokens} "
+                f"new) but the pool holds {bm.num_blocks * bm.block_size} ({bm.num_blocks} blocks of "
+                f"{bm.block_size}); raise scheduler.kv_cache_mib or scheduler.num_kv_blocks, or ask for fewer tokens")
 
     def abort_request(self, request_id: str) -> Request | None:
         """Stop `request_id` wherever it is and free its KV blocks at once."""
