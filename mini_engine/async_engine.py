@@ -12,6 +12,8 @@ import asyncio
 import itertools
 import queue
 import threading
+import time
+from concurrent.futures import Future
 from typing import Any, AsyncIterator, Iterator, Sequence
 
 from .errors import MiniEngineError
@@ -28,24 +30,41 @@ class EngineDeadError(MiniEngineError):
 class RequestStream:
     """Increments of one request, in order; the last one has `finished` and the Completion."""
 
-    def __init__(self, request_id: str, owner: "AsyncEngine", loop: asyncio.AbstractEventLoop | None):
+    def __init__(self, request_id: str, owner: "AsyncEngine", loop: asyncio.AbstractEventLoop | None,
+                 future: Future | None = None):
         self.request_id = request_id
         self._owner = owner
         self._loop = loop
-        self._aq: asyncio.Queue | None = asyncio.Queue() if loop is not None else None
-        self._q: queue.SimpleQueue | None = None if loop is not None else queue.SimpleQueue()
+        self._future = future
+        self._aq: asyncio.Queue | None = asyncio.Queue() if loop is not None and future is None else None
+        self._q: queue.SimpleQueue | None = queue.SimpleQueue() if loop is None and future is None else None
         self.completion: Completion | None = None
         self.finished = False
 
     # engine thread -> consumer
     def _put(self, item: Any) -> None:
-        if self._aq is not None:
+        if self._future is not None:
+            self._resolve(item)
+        elif self._aq is not None:
             try:
                 self._loop.call_soon_threadsafe(self._aq.put_nowait, item)
             except RuntimeError:
                 pass  # the caller's event loop is closed: nobody is listening any more
         else:
             self._q.put(item)
+
+    def _resolve(self, item: Any) -> None:
+        """Future mode: only the end matters (the batcher-style callers of BatchedEngine)."""
+        f = self._future
+        if isinstance(item, RequestOutput):
+            if item.finished:
+                c = item.completion
+                f.queue_ms, f.compute_ms, f.batch_size = c.queue_ms, c.total_ms - c.queue_ms, None
+                f.set_result(c)
+        elif isinstance(item, BaseException):
+            f.set_exception(item)
+        else:
+            f.set_exception(MiniEngineError(f"request {self.request_id} was aborted"))
 
     def _record(self, item: Any) -> Any:
         if isinstance(item, RequestOutput) and item.finished:
@@ -120,11 +139,13 @@ class AsyncEngine:
 
     # ----- callers (any thread) ------------------------------------------------------------
     def submit(self, prompt: str | Sequence[int], params: SamplingParams | None = None,
-               request_id: str | None = None) -> RequestStream:
+               request_id: str | None = None, future: Future | None = None) -> RequestStream:
         """Queue a request; bad prompts fail here, in the caller's thread, with one clear error.
 
-        Called inside a running event loop the stream is async, otherwise blocking.
+        Called inside a running event loop the stream is async, otherwise blocking; with
+        `future`, nothing is streamed and the future gets the Completion.
         """
+        arrival = time.perf_counter()  # TTFT and queue time count from here
         self._check_alive()
         engine = self.engine
         params = params or engine.sampling_params()
@@ -135,8 +156,8 @@ class AsyncEngine:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             loop = None
-        stream = RequestStream(rid, self, loop)
-        self._inbox.put(("add", rid, ids, params, prompt if isinstance(prompt, str) else None, stream))
+        stream = RequestStream(rid, self, loop, future)
+        self._inbox.put(("add", rid, ids, params, prompt if isinstance(prompt, str) else None, stream, arrival))
         self._wake.set()
         return stream
 
@@ -212,9 +233,9 @@ class AsyncEngine:
             except queue.Empty:
                 return
             if msg[0] == "add":
-                _, rid, ids, params, text, stream = msg
+                _, rid, ids, params, text, stream, arrival = msg
                 try:
-                    req = self.engine.add_request(rid, ids, params)
+                    req = self.engine.add_request(rid, ids, params, arrival_s=arrival)
                 except MiniEngineError as e:
                     stream._put(e)
                     continue

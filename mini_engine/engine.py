@@ -49,6 +49,9 @@ class Engine:
         self.runner.load()
         self.num_steps = 0  # runner steps executed: benchmarks turn it into bandwidth achieved
         self.runner_s = 0.0  # time inside the runner's execute: the rest is engine overhead
+        self.padded_tokens = 0  # static batching: left-padding positions computed at prefill
+        self.peak_kv_usage = 0.0
+        self.rows_stepped = 0  # continuous batching: sum over steps of the rows in each step
         self.scheduler: Scheduler | None = None
         self.kv_capacity = ""
         self.static_reason = self.runner.paged_unsupported_reason()
@@ -198,6 +201,8 @@ class Engine:
         logits = self.runner.execute_paged(plan.to_step())
         self.runner_s += time.perf_counter() - t
         self.num_steps += 1
+        self.peak_kv_usage = max(self.peak_kv_usage, sched.block_manager.usage)
+        self.rows_stepped += len(plan.seqs)
         sched.update_from_output(plan)
         return self._postprocess_step([s.request for s in plan.seqs if s.needs_logits], logits)
 
@@ -243,7 +248,8 @@ class Engine:
     def stats(self) -> dict[str, Any]:
         """Scheduler and KV counters (running/waiting, KV usage, prefix-cache hits, preemptions)."""
         out = self.scheduler.stats() if self.scheduler is not None else {}
-        return out | {"steps": self.num_steps, "runner_s": self.runner_s}
+        return out | {"steps": self.num_steps, "runner_s": self.runner_s, "peak_kv_usage": self.peak_kv_usage,
+                      "rows_stepped": self.rows_stepped, "padded_tokens": self.padded_tokens}
 
     def _require_scheduler(self) -> Scheduler:
         if self.scheduler is None:
@@ -317,7 +323,11 @@ class Engine:
         """Generate for `seqs` together; on_finish(i, completion) fires as soon as row i is done."""
         t0 = time.perf_counter()
         prompt_len = max(len(s.prompt_ids) for s in seqs)
-        max_len = min(prompt_len + params.max_new_tokens, self.max_positions)
+        wanted = [s.max_new_tokens or params.max_new_tokens for s in seqs]
+        max_len = min(prompt_len + max(wanted), self.max_positions)
+        # Rows share the padded prompt length, so the context window caps every row alike.
+        budgets = [min(w, max_len - prompt_len) for w in wanted]
+        self.padded_tokens += len(seqs) * prompt_len - sum(len(s.prompt_ids) for s in seqs)
         seeds = [None if params.seed is None else params.seed + s.index for s in seqs]
         sampler = Sampler(params, seeds)
         eos = None if params.ignore_eos else self.tokenizer.eos_token_id
@@ -331,9 +341,7 @@ class Engine:
                 logits = self._execute(step)
                 tokens = sampler(logits, active)
                 now = time.perf_counter()
-                # Rows share the padded prompt length, so the context window
-                # leaves every row the same budget of new tokens.
-                still = self._postprocess(seqs, active, tokens, params, eos, max_len - prompt_len, now)
+                still = self._postprocess(seqs, active, tokens, params, eos, budgets, now)
                 for row in active:
                     if seqs[row].finished:
                         done[row] = self._completion(seqs[row], t0)
@@ -363,7 +371,7 @@ class Engine:
                 step = StepInput(ids, np.arange(t, dtype=np.int64)[None], np.ones_like(ids), slot_ids=[0],
                                  past_len=0)
                 tokens = sampler(self._execute(step), [0])
-                self._postprocess([seq], [0], tokens, params, eos, max_len - n_prompt, time.perf_counter())
+                self._postprocess([seq], [0], tokens, params, eos, [max_len - n_prompt], time.perf_counter())
         finally:
             self.runner.free_kv()
         return self._completion(seq, t0)
@@ -372,8 +380,8 @@ class Engine:
         self.num_steps += 1
         return self.runner.execute(step)
 
-    def _postprocess(self, seqs, active, tokens, params, eos, budget, now) -> list[int]:
-        """Record each row's new token; return the rows that go on."""
+    def _postprocess(self, seqs, active, tokens, params, eos, budgets, now) -> list[int]:
+        """Record each row's new token; return the rows that go on (budgets: new tokens per row)."""
         still = []
         for row, token in zip(active, tokens.tolist()):
             seq = seqs[row]
@@ -385,7 +393,7 @@ class Engine:
                 seq.finish_reason = "stop"
             elif params.stop and self._hit_stop(seq, params.stop):
                 seq.finish_reason = "stop"
-            elif len(seq.output_ids) >= budget:
+            elif len(seq.output_ids) >= budgets[row]:
                 seq.finish_reason = "length"
             if seq.finished:
                 seq.finish_s = now

@@ -47,6 +47,7 @@ class Sequence:
     index: int
     prompt: str
     prompt_ids: list[int]
+    max_new_tokens: int | None = None  # this row's budget; None = the batch's params
     output_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     text: str | None = None  # set when a stop string cut the text

@@ -1,12 +1,14 @@
-"""An Engine behind the dynamic batcher: many callers, one request each, batched for the runner.
+"""An Engine behind one front: many callers, one request each, batched for the runner.
 
-Two workloads share the same Batcher:
-- "forward": score a prompt (one forward pass; the next token's top-k), Engine.score_batch;
-- "generate": whole generations batched together with left padding, Engine.generate_batch.
-  Finished rows leave the step (their KV slot is skipped) and their caller is answered
-  at once, while the rest of the batch goes on.
-- "naive" is the baseline for comparisons: one request at a time without a KV cache
-  (Engine.generate_uncached), behind the same batcher with max_batch_size 1.
+- "forward": score a prompt (one forward pass; the next token's top-k) behind the dynamic
+  batcher, Engine.score_batch.
+- "generate": continuous batching (AsyncEngine over the scheduler) when the runner has the
+  paged contract; otherwise the same as "static".
+- "static": the baseline of today's batcher: whole generations batched together with left
+  padding, Engine.generate_batch. Finished rows leave the step and their caller is answered
+  at once, but nobody joins a batch once it started.
+- "naive": one request at a time without a KV cache (Engine.generate_uncached), behind the
+  batcher with max_batch_size 1.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ from .errors import ConfigError
 from .sampling import SamplingParams
 from .sequence import Completion, Sequence
 
-MODES = ("forward", "generate", "naive")
+MODES = ("forward", "generate", "static", "naive")
 
 
 class BatchedEngine:
@@ -35,20 +37,51 @@ class BatchedEngine:
                  params: SamplingParams | None = None, top_k: int = 5):
         if mode not in MODES:
             raise ConfigError(f"mode must be one of {', '.join(MODES)}, got '{mode}'")
+        if batching is not None and mode == "generate" and engine.continuous:
+            # A benchmark's batch size is continuous batching's max_num_seqs.
+            sc = engine.scheduler.config
+            engine.scheduler.config = dataclasses.replace(sc, max_num_seqs=batching.max_batch_size)
         batching = batching or engine.config.batching
         if mode == "naive" and batching.max_batch_size != 1:
             batching = dataclasses.replace(batching, max_batch_size=1, preferred_batch_sizes=[])
         self.engine, self.mode, self.top_k = engine, mode, top_k
         self.params = params or engine.sampling_params()
         self._ids = itertools.count()
-        execute = {"forward": self._score, "generate": self._generate, "naive": self._generate_naive}[mode]
-        self.batcher = Batcher(execute, batching, answers_early=mode == "generate", name=f"engine-{mode}")
+        self.front = None
+        if mode == "generate" and engine.continuous:
+            from .async_engine import AsyncEngine
+
+            self.front = AsyncEngine(engine)
+            self.batcher = None
+            self._stats0 = engine.stats()
+            return
+        if mode == "generate":
+            mode = "static"  # the runner has only the static contract
+        execute = {"forward": self._score, "static": self._generate, "naive": self._generate_naive}[mode]
+        self.batcher = Batcher(execute, batching, answers_early=mode == "static", name=f"engine-{mode}")
 
     # ----- public API ------------------------------------------------------------
-    def submit(self, prompt: str, timeout_ms: float | None = None) -> RequestFuture:
-        """Tokenize in the caller's thread (bad prompts fail here), then queue the request."""
-        ids = self.engine.encode_prompt(prompt, self.params)
-        return self.batcher.submit(_Job(Sequence(next(self._ids), prompt, ids), time.perf_counter()), timeout_ms)
+    @property
+    def continuous(self) -> bool:
+        return self.front is not None
+
+    def submit(self, prompt: str | list[int], timeout_ms: float | None = None,
+               max_new_tokens: int | None = None) -> RequestFuture:
+        """Tokenize in the caller's thread (bad prompts fail here), then queue the request.
+
+        `prompt` may be token ids; `max_new_tokens` overrides the shared params for this request.
+        """
+        if self.front is not None:
+            params = self.params if max_new_tokens is None else dataclasses.replace(self.params, max_new_tokens=max_new_tokens)
+            future = RequestFuture()
+            future.ttft_from_submit = True
+            self.front.submit(prompt, params, future=future)
+            return future
+        params = self.params if max_new_tokens is None else dataclasses.replace(self.params, max_new_tokens=max_new_tokens)
+        ids = self.engine.encode_prompt(prompt, params) if isinstance(prompt, str) else \
+            self.engine.check_prompt_ids(prompt, params)
+        seq = Sequence(next(self._ids), prompt if isinstance(prompt, str) else "", ids, max_new_tokens=max_new_tokens)
+        return self.batcher.submit(_Job(seq, time.perf_counter()), timeout_ms)
 
     async def submit_async(self, prompt: str, timeout_ms: float | None = None) -> Any:
         import asyncio
@@ -56,9 +89,22 @@ class BatchedEngine:
         return await asyncio.wrap_future(self.submit(prompt, timeout_ms))
 
     def stats(self) -> dict[str, Any]:
-        return self.batcher.stats()
+        if self.front is None:
+            return self.batcher.stats()
+        # The batcher's names, from the engine's counters since this front opened.
+        now, was = self.engine.stats(), self._stats0
+        steps = now["steps"] - was["steps"]
+        rows = now["rows_stepped"] - was["rows_stepped"]
+        return {"mini_engine:mean_batch_size": rows / steps if steps else 0.0,
+                "mini_engine:num_batches_total": steps} | {f"mini_engine:{k}": v for k, v in now.items()}
 
     def close(self, drain: bool = True) -> None:
+        if self.front is not None:
+            if drain:
+                while self.engine.has_unfinished_requests() and self.front.is_alive:
+                    time.sleep(0.005)
+            self.front.close()
+            return
         self.batcher.close(drain)
 
     def __enter__(self) -> "BatchedEngine":

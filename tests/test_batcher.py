@@ -258,12 +258,27 @@ def test_engine_forward_mode_batches_and_matches_scoring_alone(engine):
     assert stats["mini_engine:num_batches_total"] == 2  # 5 requests, batches of up to 4
 
 
-def test_engine_generate_mode_batches_and_matches_generating_alone(engine):
+def test_engine_generate_mode_runs_continuous_batching(engine):
     from mini_engine.serving import BatchedEngine
 
     params = engine.sampling_params(max_new_tokens=6, ignore_eos=True)
     alone = [engine.generate(p, params)[0].token_ids for p in PROMPTS]
-    with BatchedEngine(engine, "generate", cfg(max_batch_size=8, max_queue_delay_ms=100), params=params) as server:
+    with BatchedEngine(engine, "generate", cfg(max_batch_size=8), params=params) as server:
+        assert server.continuous
+        futures = [server.submit(p) for p in PROMPTS]
+        got = [f.result(60) for f in futures]
+        stats = server.stats()
+    assert [c.token_ids for c in got] == alone
+    assert stats["mini_engine:mean_batch_size"] > 1
+    assert all(f.queue_ms is not None and f.compute_ms > 0 for f in futures)
+
+
+def test_engine_static_mode_batches_and_matches_generating_alone(engine):
+    from mini_engine.serving import BatchedEngine
+
+    params = engine.sampling_params(max_new_tokens=6, ignore_eos=True)
+    alone = [engine.generate(p, params)[0].token_ids for p in PROMPTS]
+    with BatchedEngine(engine, "static", cfg(max_batch_size=8, max_queue_delay_ms=100), params=params) as server:
         futures = [server.submit(p) for p in PROMPTS]
         got = [f.result(60) for f in futures]
         stats = server.stats()

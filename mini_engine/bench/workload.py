@@ -152,6 +152,8 @@ def forward_record(future, score, latency_ms: float) -> Record:
 
 def generate_record(future, completion, latency_ms: float) -> Record:
     times = completion.token_times_ms
+    # Continuous batching times a request from its arrival; the batcher from its batch's start.
+    ttft = completion.ttft_ms if getattr(future, "ttft_from_submit", False) else future.queue_ms + completion.ttft_ms
     return Record(latency_ms, future.queue_ms, future.compute_ms, future.batch_size, len(completion.token_ids),
-                  ttft_ms=future.queue_ms + completion.ttft_ms,
+                  ttft_ms=ttft,
                   token_gaps_ms=[b - a for a, b in zip(times, times[1:])])
