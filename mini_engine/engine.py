@@ -51,6 +51,7 @@ class Engine:
         self.runner_s = 0.0  # time inside the runner's execute: the rest is engine overhead
         self.padded_tokens = 0  # static batching: left-padding positions computed at prefill
         self.peak_kv_usage = 0.0
+        self.peak_static_kv_tokens = 0  # static batching: rows x padded length of the largest batch
         self.rows_stepped = 0  # continuous batching: sum over steps of the rows in each step
         self.scheduler: Scheduler | None = None
         self.kv_capacity = ""
@@ -328,6 +329,7 @@ class Engine:
         # Rows share the padded prompt length, so the context window caps every row alike.
         budgets = [min(w, max_len - prompt_len) for w in wanted]
         self.padded_tokens += len(seqs) * prompt_len - sum(len(s.prompt_ids) for s in seqs)
+        self.peak_static_kv_tokens = max(self.peak_static_kv_tokens, len(seqs) * max_len)
         seeds = [None if params.seed is None else params.seed + s.index for s in seqs]
         sampler = Sampler(params, seeds)
         eos = None if params.ignore_eos else self.tokenizer.eos_token_id
@@ -378,7 +380,11 @@ class Engine:
 
     def _execute(self, step: StepInput) -> np.ndarray:
         self.num_steps += 1
-        return self.runner.execute(step)
+        t = time.perf_counter()
+        try:
+            return self.runner.execute(step)
+        finally:
+            self.runner_s += time.perf_counter() - t
 
     def _postprocess(self, seqs, active, tokens, params, eos, budgets, now) -> list[int]:
         """Record each row's new token; return the rows that go on (budgets: new tokens per row)."""

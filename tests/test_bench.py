@@ -146,3 +146,28 @@ def test_generate_bench_rounds_take_ratios_within_each_round(tmp_path):
     assert "Across rounds" in out.with_suffix(".md").read_text()
     bad = subprocess.run([sys.executable, script, "--targets", "torch:cpu@gemv"], capture_output=True, text=True)
     assert bad.returncode != 0 and bad.stderr.strip() == "target option '@gemv' must be KEY=VALUE, e.g. torch:cpu@gemv=off"
+
+
+def test_continuous_mode_compares_naive_static_and_continuous(tmp_path):
+    from mini_engine.bench.continuous import COLUMNS as CB_COLUMNS
+
+    out = tmp_path / "cb"
+    proc = run_cli("bench", "--mode", "continuous", "--model", "random:tiny", "--targets", "torch:cpu",
+                   "--requests", 10, "--naive-requests", 2, "--prompt-lens", "4:24", "--output-lens", "3:12",
+                   "--batch-sizes", "2,4", "--max-num-seqs", 4, "--no-progress", "--out", out, check=True, timeout=300)
+    with (out / "bench.csv").open() as f:
+        reader = csv.DictReader(f)
+        header, rows = reader.fieldnames, list(reader)
+    assert header == list(CB_COLUMNS)
+    points = [(r["mode"], r["arrivals"].split()[0], r["batch_size"]) for r in rows]
+    assert points == [("naive", "burst", "1"), ("static", "burst", "2"), ("static", "burst", "4"),
+                      ("continuous", "burst", "4"), ("static", "poisson", points[4][2]), ("continuous", "poisson", "4")]
+    tokens = {int(r["tokens_generated"]) for r in rows if r["mode"] != "naive"}
+    assert len(tokens) == 1  # every point generates the same workload
+    cont = [r for r in rows if r["mode"] == "continuous"]
+    assert all(int(r["padded_tokens"]) == 0 and float(r["peak_kv_mib"]) > 0 for r in cont)
+    assert all(int(r["padded_tokens"]) > 0 for r in rows if r["mode"] == "static" and r["arrivals"] == "burst")
+    assert all(0 <= float(r["engine_overhead_pct"]) < 100 for r in rows)
+    assert (out / "continuous.png").read_bytes()[:8] == PNG_MAGIC
+    assert (out / "continuous_vs_static.csv").is_file()
+    assert "continuous" in proc.stdout and "x static" in proc.stdout

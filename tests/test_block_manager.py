@@ -139,3 +139,15 @@ def test_prefix_caching_off_never_hits():
     admit(bm, a)
     compute_all(bm, a)
     assert bm.match_prefix(req(range(9), "b")) == [] and bm.cached == {}
+
+
+def test_reset_prefix_cache():
+    bm = BlockManager(4, 2)
+    a = req([1, 2, 3], "a")
+    admit(bm, a)
+    compute_all(bm, a)
+    with pytest.raises(MiniEngineError):
+        bm.reset_prefix_cache()
+    bm.free(a)
+    bm.reset_prefix_cache()
+    assert bm.match_prefix(req([1, 2, 4], "b")) == []

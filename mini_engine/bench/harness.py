@@ -12,7 +12,7 @@ from typing import Any
 from ..devices import cuda_unavailable_reason
 from ..errors import MiniEngineError
 from ..registry import list_backends
-from . import metrics, report
+from . import continuous, metrics, report
 from .spec import BenchSpec, Target
 
 
@@ -37,7 +37,8 @@ def run_bench(spec: BenchSpec, out: Path, progress: bool = True, command: str = 
             rows += _missing_rows(spec, target, "skipped", reason)
         else:
             runnable.append(target)
-    per_target = spec.trials * (len(spec.batch_sizes) + (spec.mode == "naive-vs-optimized"))
+    per_target = len(_points(spec)) if spec.mode == "continuous" else \
+        spec.trials * (len(spec.batch_sizes) + (spec.mode == "naive-vs-optimized"))
     targets_info: dict[str, Any] = {}
     logs = out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -49,15 +50,21 @@ def run_bench(spec: BenchSpec, out: Path, progress: bool = True, command: str = 
             got, info, error = _run_child(spec, target, bar, log)
             rows += got
             targets_info[target.spec] = info | {"log": str(log)}
-            if error:
+            if error and spec.mode == "continuous":
+                left = len(_points(spec)) - len(got)
+                rows += _missing_rows(spec, target, "failed", error, [("continuous", spec.max_num_seqs)])
+                bar.update(max(left, 0))
+            elif error:
                 done = {(r["mode"], r["batch_size"]) for r in got}
                 missing = [p for p in _points(spec) if p not in done]
                 rows += _missing_rows(spec, target, "failed", error, missing)
-                bar.update(spec.trials * len(missing))
+                bar.update((1 if spec.mode == "continuous" else spec.trials) * len(missing))
     order = {t.spec: i for i, t in enumerate(spec.targets)}
     rows.sort(key=lambda r: order[r["target"]])  # stable: the user's target order, points in sweep order
     for r in rows:
         r["machine_bandwidth_gbps"] = bandwidth
+        if spec.mode == "continuous":
+            r.setdefault("arrivals", "-")
         if r.get("bandwidth_gbps") is not None:
             r["bandwidth_fraction"] = round(r["bandwidth_gbps"] / bandwidth, 3)
     result = {
@@ -69,8 +76,9 @@ def run_bench(spec: BenchSpec, out: Path, progress: bool = True, command: str = 
             "targets": targets_info,
         },
         "results": rows,
-        "best_vs_batch1": report.best_vs_batch1(rows),
-        "comparison": report.comparison(rows) if spec.mode == "naive-vs-optimized" else [],
+        "best_vs_batch1": report.best_vs_batch1(rows) if spec.mode != "continuous" else [],
+        "comparison": report.comparison(rows) if spec.mode == "naive-vs-optimized" else
+        continuous.comparison(rows) if spec.mode == "continuous" else [],
     }
     # Not in bench.json: the files this call wrote (no plots when no target was measured).
     result["written"] = report.write_all(result, out)
@@ -95,6 +103,10 @@ def skip_reason(target: Target) -> str | None:
 
 
 def _points(spec: BenchSpec) -> list[tuple[str, int]]:
+    if spec.mode == "continuous":
+        # naive, static per batch size and continuous (burst), then static-best and continuous (Poisson)
+        return [("naive", 1)] + [("static", bs) for bs in spec.batch_sizes] + [("continuous", spec.max_num_seqs)] \
+            + [("static", -1), ("continuous", -1)]
     mode = "forward" if spec.mode == "forward" else "generate"
     pts = [(mode, bs) for bs in spec.batch_sizes]
     return pts + [("naive", 1)] if spec.mode == "naive-vs-optimized" else pts

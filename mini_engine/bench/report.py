@@ -11,7 +11,7 @@ from .metrics import COLUMNS
 
 PLOTS = ("throughput_vs_batch_size.png", "latency_mean_vs_batch_size.png", "latency_p50_p95_vs_batch_size.png",
          "summary.png")
-OUTPUTS = ("bench.csv", "bench.json", "naive_vs_optimized.csv") + PLOTS
+OUTPUTS = ("bench.csv", "bench.json", "naive_vs_optimized.csv", "continuous_vs_static.csv", "continuous.png") + PLOTS
 DEFAULT_ROOT = Path("result") / "bench"
 
 
@@ -49,11 +49,21 @@ def prepare_out(out: Path | None, force: bool = False) -> Path:
 
 def write_all(result: dict[str, Any], out: Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
-    written = [write_csv(result["results"], out / "bench.csv"), write_json(result, out / "bench.json")]
-    if result.get("comparison"):
-        written.append(write_csv(result["comparison"], out / "naive_vs_optimized.csv",
-                                 fields=list(result["comparison"][0])))
-    written += write_plots(result["results"], out)
+    if result["meta"]["mode"] == "continuous":
+        from . import continuous
+
+        written = [write_csv(result["results"], out / "bench.csv", fields=list(continuous.COLUMNS)),
+                   write_json(result, out / "bench.json", continuous.COLUMNS)]
+        if result.get("comparison"):
+            written.append(write_csv(result["comparison"], out / "continuous_vs_static.csv",
+                                     fields=list(result["comparison"][0])))
+        written += continuous.write_plots(result["results"], out)
+    else:
+        written = [write_csv(result["results"], out / "bench.csv"), write_json(result, out / "bench.json")]
+        if result.get("comparison"):
+            written.append(write_csv(result["comparison"], out / "naive_vs_optimized.csv",
+                                     fields=list(result["comparison"][0])))
+        written += write_plots(result["results"], out)
     # Whatever this run did not write is not this run's: a plot or a comparison left from an
     # earlier run beside the new CSV would be read as its result.
     for name in OUTPUTS:
@@ -71,8 +81,8 @@ def write_csv(rows: list[dict[str, Any]], path: Path, fields: list[str] | None =
     return path
 
 
-def write_json(result: dict[str, Any], path: Path) -> Path:
-    columns = {name: {"unit": unit, "meaning": meaning} for name, (unit, meaning) in COLUMNS.items()}
+def write_json(result: dict[str, Any], path: Path, schema: dict | None = None) -> Path:
+    columns = {name: {"unit": unit, "meaning": meaning} for name, (unit, meaning) in (schema or COLUMNS).items()}
     path.write_text(json.dumps({"columns": columns} | result, indent=2, default=str) + "\n")
     return path
 
@@ -113,6 +123,13 @@ def best_vs_batch1(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 # ----- console ------------------------------------------------------------------------
 def print_report(result: dict[str, Any], echo: Callable[[str], None]) -> None:
+    if result["meta"]["mode"] == "continuous":
+        from . import continuous
+
+        continuous.print_report(result, echo)
+        meta = result["meta"]
+        echo(f"machine memory bandwidth (numpy copy): {meta['machine_bandwidth_gbps']} GB/s; model {meta['model']}")
+        return
     rows = result["results"]
     ok = [r for r in rows if r["status"] == "ok"]
     generates = any(r["mode"] != "forward" for r in ok)

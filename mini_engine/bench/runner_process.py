@@ -41,6 +41,15 @@ def run_target(spec: BenchSpec, target: Target, emit: Callable[..., None]) -> No
         "threads": _threads(describe), "load_s": round(load_s, 2),
         "model": cfg.model.source, "dtype": cfg.model.dtype, "weight_bytes": engine.runner.weight_bytes,
     }
+    if spec.mode == "continuous":
+        from . import continuous
+
+        base |= {"generation": engine.describe()["generation"]["mode"]}
+        for k in ("prompt_len", "max_new_tokens", "load", "trials"):
+            base.pop(k, None)
+        with engine:
+            continuous.run_points(spec, engine, emit, base)
+        return
     prompts = workload.make_prompts(max(spec.requests, 64), spec.prompt_len, spec.seed, engine.tokenizer)
     params = engine.sampling_params(max_new_tokens=spec.max_new_tokens, ignore_eos=True)
     points = [("forward" if spec.mode == "forward" else "generate", bs) for bs in spec.batch_sizes]

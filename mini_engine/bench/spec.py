@@ -7,7 +7,7 @@ from typing import Any
 from ..config import _parse_value, load_config, options_for
 from ..errors import ConfigError
 
-MODES = ("forward", "generate", "naive-vs-optimized")
+MODES = ("forward", "generate", "naive-vs-optimized", "continuous")
 
 # Defaults per mode, chosen to finish in about two minutes on a 2-core CPU with random:gpt2
 # (two targets). Forward prompts are short on purpose: scoring a short prompt is where
@@ -16,6 +16,9 @@ MODE_DEFAULTS: dict[str, dict[str, Any]] = {
     "forward": {"batch_sizes": [1, 2, 4, 8, 16], "requests": 48, "trials": 3},
     "generate": {"batch_sizes": [1, 4, 16], "requests": 16, "trials": 2},
     "naive-vs-optimized": {"batch_sizes": [16], "requests": 16, "trials": 1},
+    # The issue's fixed mixed-length workload (mini_engine/bench/continuous.py); batch sizes are
+    # the static batcher's sweep.
+    "continuous": {"batch_sizes": [4, 8, 16, 32], "requests": 64, "trials": 1},
 }
 
 
@@ -48,6 +51,10 @@ class BenchSpec:
     warmup: int | None = None  # requests per point before measuring; None = one full batch
     top_k: int = 5
     seed: int = 0
+    prompt_lens: tuple[int, int] = (16, 256)  # continuous mode: uniform prompt lengths
+    output_lens: tuple[int, int] = (16, 256)  # continuous mode: uniform output lengths (EOS ignored)
+    naive_requests: int = 8  # continuous mode: the naive baseline's seeded subset
+    max_num_seqs: int = 16  # continuous mode: continuous batching's max_num_seqs
     config: dict[str, Any] = field(default_factory=dict)  # the resolved Config as a dict
     options: dict[str, dict[str, Any]] = field(default_factory=dict)  # per-backend option overrides
 
@@ -75,6 +82,14 @@ class BenchSpec:
             raise ConfigError(f"--request-rate must be > 0, got {self.request_rate}")
         if self.warmup is not None and self.warmup < 0:
             raise ConfigError(f"--warmup must be >= 0, got {self.warmup}")
+        self.prompt_lens, self.output_lens = tuple(self.prompt_lens), tuple(self.output_lens)
+        for name, (lo, hi) in (("--prompt-lens", self.prompt_lens), ("--output-lens", self.output_lens)):
+            if not 1 <= lo <= hi:
+                raise ConfigError(f"{name} must be LO:HI with 1 <= LO <= HI, got {lo}:{hi}")
+        if self.naive_requests < 1 or self.max_num_seqs < 1:
+            raise ConfigError("--naive-requests and --max-num-seqs must be >= 1")
+        if self.mode == "continuous":
+            return  # its arrivals are its own (burst and Poisson)
         if self.request_rate is None and self.concurrency is None:
             # Enough clients to keep the largest batch full. Exactly max(batch_sizes) is
             # not: a closed loop then settles into two half-size groups that take turns
@@ -109,6 +124,17 @@ class BenchSpec:
         d = dict(d)
         d["targets"] = [Target(**t) for t in d["targets"]]
         return cls(**d)
+
+
+def parse_range(text: str | None, name: str) -> tuple[int, int] | None:
+    """'LO:HI' (or one number) -> (lo, hi)."""
+    if not text:
+        return None
+    lo, _, hi = text.partition(":")
+    try:
+        return int(lo), int(hi or lo)
+    except ValueError:
+        raise ConfigError(f"{name} expects LO:HI like 16:256, got '{text}'") from None
 
 
 def parse_targets(text: str) -> list[Target]:

@@ -26,9 +26,20 @@ from .common import note_random
               help="Requests per trial and batch size [forward 48, generate 16, naive-vs-optimized 16].")
 @click.option("--trials", type=int, default=None, help="Measured trials per point [forward 3, generate 2, "
                                                        "naive-vs-optimized 1].")
-@click.option("--mode", type=click.Choice(["forward", "generate", "naive-vs-optimized"]), default="forward",
-              show_default=True, help="forward: score a prompt (one forward pass); generate: whole generations; "
-                                      "naive-vs-optimized: generate plus the no-KV-cache one-at-a-time baseline.")
+@click.option("--mode", type=click.Choice(["forward", "generate", "naive-vs-optimized", "continuous"]),
+              default="forward", show_default=True,
+              help="forward: score a prompt (one forward pass); generate: whole generations (continuous batching "
+                   "where the backend has it); naive-vs-optimized: generate plus the no-KV-cache one-at-a-time "
+                   "baseline; continuous: naive vs static vs continuous batching on a mixed-length workload "
+                   "(--batch-sizes is then the static batcher's sweep [4,8,16,32]).")
+@click.option("--prompt-lens", default=None, metavar="LO:HI",
+              help="continuous mode: prompt lengths, uniform [16:256].")
+@click.option("--output-lens", default=None, metavar="LO:HI",
+              help="continuous mode: output lengths, uniform, EOS ignored [16:256].")
+@click.option("--naive-requests", type=int, default=8, show_default=True,
+              help="continuous mode: the naive baseline's seeded subset of the requests.")
+@click.option("--max-num-seqs", type=int, default=None,
+              help="continuous mode: continuous batching's max_num_seqs [the config's scheduler.max_num_seqs].")
 @click.option("--prompt-len", type=int, default=8, show_default=True, help="Tokens per prompt.")
 @click.option("--max-new-tokens", type=int, default=16, show_default=True, help="Tokens per generation.")
 @click.option("--concurrency", type=int, default=None,
@@ -45,8 +56,9 @@ from .common import note_random
 @click.option("--force", is_flag=True,
               help="Write into a non-empty --out: its earlier results (CSVs, JSON, plots, logs) are removed first.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar on stderr.")
-def command(config_path, overrides, model, dtype, targets, batch_sizes, requests, trials, mode, prompt_len,
-            max_new_tokens, concurrency, request_rate, warmup, top_k, options, seed, out, force, progress):
+def command(config_path, overrides, model, dtype, targets, batch_sizes, requests, trials, mode, prompt_lens,
+            output_lens, naive_requests, max_num_seqs, prompt_len, max_new_tokens, concurrency, request_rate, warmup,
+            top_k, options, seed, out, force, progress):
     """Measure throughput and latency per target and batch size; write a table, CSV, JSON and plots.
 
     Each target runs in its own process; each batch size is the dynamic batcher's
@@ -54,7 +66,7 @@ def command(config_path, overrides, model, dtype, targets, batch_sizes, requests
     """
     from ..bench import BenchSpec, run_bench
     from ..bench.report import prepare_out, print_report
-    from ..bench.spec import parse_batch_sizes, parse_options, parse_targets, resolve_config
+    from ..bench.spec import parse_batch_sizes, parse_options, parse_range, parse_targets, resolve_config
 
     if requests is not None and requests < 1 or trials is not None and trials < 1:
         raise click.BadParameter("--requests and --trials must be >= 1")
@@ -62,7 +74,11 @@ def command(config_path, overrides, model, dtype, targets, batch_sizes, requests
     spec = BenchSpec(targets=parse_targets(targets), mode=mode, batch_sizes=parse_batch_sizes(batch_sizes),
                      requests=requests or 0, trials=trials or 0, prompt_len=prompt_len,
                      max_new_tokens=max_new_tokens, concurrency=concurrency, request_rate=request_rate,
-                     warmup=warmup, top_k=top_k, seed=seed, config=config, options=parse_options(options))
+                     warmup=warmup, top_k=top_k, seed=seed, config=config, options=parse_options(options),
+                     prompt_lens=parse_range(prompt_lens, "--prompt-lens") or (16, 256),
+                     output_lens=parse_range(output_lens, "--output-lens") or (16, 256),
+                     naive_requests=naive_requests,
+                     max_num_seqs=max_num_seqs or config["scheduler"]["max_num_seqs"])
     out_dir = prepare_out(Path(out) if out else None, force)  # before measuring: minutes are not lost to a refusal
     note_random(config["model"]["source"])
     result = run_bench(spec, out_dir, progress=progress, command=_command_line())

@@ -168,5 +168,13 @@ class BlockManager:
         req.num_hashed_blocks = 0
         req.num_computed = 0
 
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached block (vLLM's reset_prefix_cache); only while no sequence holds blocks."""
+        if len(self.free_queue) != self.num_blocks:
+            raise MiniEngineError("the prefix cache can only be reset while no sequence holds KV blocks")
+        for block in self.blocks:
+            block.hash, block.token_ids = None, ()
+        self.cached.clear()
+
     def slot(self, req: Request, position: int) -> int:
         return req.block_ids[position // self.block_size] * self.block_size + position % self.block_size
