@@ -13,7 +13,10 @@ comparable where absolute figures from different minutes are not.
 
 Throughput = batch x new tokens / wall time of the whole generation (prefill included).
 For mini-engine targets the last run is split into prefill, the median decode step, and
-engine overhead (wall time not spent inside Runner.execute: sampling, bookkeeping).
+engine overhead (wall time not spent inside the runner: scheduling, sampling, bookkeeping).
+mini-engine targets run the engine's generation path: continuous batching where the backend
+has the paged contract, else static batching; `@path=static` forces the static path
+(Engine.generate_batch) for comparison, e.g. torch:cpu@path=static.
 """
 from __future__ import annotations
 
@@ -110,17 +113,27 @@ def worker_engine(args, backend: str, device: str, target_options: list[str]) ->
     from mini_engine.sampling import SamplingParams
     from mini_engine.sequence import Sequence
 
+    path = next((o.partition("=")[2] for o in target_options if o.startswith("path=")), "auto")
+    target_options = [o for o in target_options if not o.startswith("path=")]
+    if path not in ("auto", "static", "continuous"):
+        raise SystemExit(f"@path must be static or continuous, got '{path}'")
+
     options = [f"backend.options.{o.partition('.')[2]}" for o in args.options if o.startswith(backend + ".")]
     options += [f"backend.options.{o}" for o in target_options]
     cfg = load_config(None, args.overrides + options, **{"model.source": args.model, "backend.name": backend,
                                                "backend.device": device, "model.dtype": args.dtype,
                                                "batching.max_batch_size": args.batch})
+    cfg.scheduler.max_num_seqs = max(cfg.scheduler.max_num_seqs, args.batch)
     engine = Engine(config=cfg)
+    continuous = engine.continuous and path != "static"
+    if path == "continuous" and not continuous:
+        raise SystemExit(f"{backend}: no continuous batching here ({engine.static_reason})")
     params = SamplingParams(max_new_tokens=args.new_tokens, ignore_eos=True)
     batch = prompts(args.batch, args.prompt_len)
     ttft = []
     steps: list[tuple[int, float]] = []  # (new tokens per row, seconds) of every runner call
     execute = engine.runner.execute
+    execute_paged = engine.runner.execute_paged
 
     def timed_execute(step):
         t = time.perf_counter()
@@ -128,18 +141,40 @@ def worker_engine(args, backend: str, device: str, target_options: list[str]) ->
         steps.append((step.seq_len, time.perf_counter() - t))
         return out
 
-    engine.runner.execute = timed_execute  # where the time goes: runner vs engine (sampling, bookkeeping)
+    def timed_execute_paged(step):
+        t = time.perf_counter()
+        out = execute_paged(step)
+        steps.append((1 if step.is_decode else 2, time.perf_counter() - t))
+        return out
+
+    # where the time goes: runner vs engine (scheduling, sampling, bookkeeping)
+    engine.runner.execute = timed_execute
+    engine.runner.execute_paged = timed_execute_paged
+    runs_done = [0]
 
     def run():
         steps.clear()
-        seqs = [Sequence(i, "", ids) for i, ids in enumerate(batch)]
-        done = engine.generate_batch(seqs, params)
+        if continuous:
+            # Distinct requests every run, so the prefix cache does not serve a rerun's prompts.
+            engine.scheduler.block_manager.reset_prefix_cache()
+            ids = [engine.add_request(f"r{runs_done[0]}-{i}", p, params).request_id for i, p in enumerate(batch)]
+            done = {}
+            while engine.has_unfinished_requests():
+                for out in engine.step():
+                    if out.finished:
+                        done[out.request_id] = out.completion
+            done = [done[i] for i in ids]
+        else:
+            seqs = [Sequence(i, "", ids) for i, ids in enumerate(batch)]
+            done = engine.generate_batch(seqs, params)
+        runs_done[0] += 1
         assert all(len(c.token_ids) == args.new_tokens for c in done)
         ttft.append(done[0].ttft_ms)
 
     times = time_runs(run, args.runs)
     decode = [s for n, s in steps if n == 1]
-    return {"times_s": times, "ttft_ms": statistics.median(ttft[1:]), "runner": engine.runner.describe(),
+    return {"times_s": times, "ttft_ms": statistics.median(ttft[1:]), "runner": engine.describe(),
+            "path": "continuous" if continuous else "static",
             "weight_bytes": engine.runner.weight_bytes,
             # from the last run: prefill, median decode step, and what the runner did not spend
             "prefill_ms": sum(s for n, s in steps if n > 1) * 1e3,
@@ -251,7 +286,8 @@ def markdown(report: dict) -> str:
         ratio = f"{r['vs_hf']:.2f}x" if "vs_hf" in r else "-"
         extra = " | ".join("-" if r.get(k) is None else f"{r[k]:.1f}"
                            for k in ("prefill_ms", "decode_step_ms", "engine_overhead_ms"))
-        lines.append(f"{head}| {r['target']} | {r['batch_size']} | {r['tokens_per_s']:.1f} | "
+        label = r["target"] + (f" ({r['path']})" if r.get("path") else "")
+        lines.append(f"{head}| {label} | {r['batch_size']} | {r['tokens_per_s']:.1f} | "
                      f"{', '.join(map(str, r['tokens_per_s_runs']))} | {ratio} | {extra} |")
     if rounds:
         lines += ["", "Across rounds (median, and each round in order):", "",
