@@ -1,0 +1,200 @@
+#!/usr/bin/env python
+"""Decode step time against context length: is the KV cache read, or re-copied, every step?
+
+For each target, batch size and context length, one decode step (one new token per row) is
+timed at the runner, the median of --steps steps after a warm-up, on two paths:
+
+- paged: the continuous-batching contract (`Runner.execute_paged`): rows read their own
+  blocks of the KV pool in place (block tables shuffled, as a pool in use is).
+- static: the static contract (`Runner.execute` with past_len = context): the torch backend's
+  contiguous per-slot buffers; ONNX Runtime's concat export (present = past ++ new, a copy of
+  the whole cache each step).
+
+The cache's contents do not change a step's cost, so no prefill runs: the pool or buffers are
+filled with zeros (ORT: zero past tensors bound as the previous step's presents).
+
+    python benchmarks/long_context_bench.py --model random:gpt2 --targets torch:cpu,onnxruntime:cpu \
+        --batch-sizes 1,16 --contexts 64,256,512,1000 --out result/cpu/long_context
+
+Reported: step ms, ratio to the step at the shortest context, KV bytes per step, and the bytes
+(weights + KV) moved per second, next to the machine's numpy copy bandwidth.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="random:gpt2")
+    p.add_argument("--targets", default="torch:cpu,onnxruntime:cpu")
+    p.add_argument("--batch-sizes", default="1,16")
+    p.add_argument("--contexts", default="64,256,512,1000")
+    p.add_argument("--steps", type=int, default=7)
+    p.add_argument("--paths", default="paged,static")
+    p.add_argument("--out", default=None, help="write OUT.json and OUT.md")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def cpu_model() -> str:
+    try:
+        for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
+            if line.startswith("Model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def copy_bandwidth_gbps() -> float:
+    import mini_engine  # noqa: F401
+    import numpy as np
+
+    a = np.ones(64 * 2**20 // 4, np.float32)
+    b = np.empty_like(a)
+    best = 1e9
+    for _ in range(5):
+        t = time.perf_counter()
+        np.copyto(b, a)
+        best = min(best, time.perf_counter() - t)
+    return round(2 * a.nbytes / best / 1e9, 1)
+
+
+def worker(args) -> list[dict]:
+    import mini_engine  # noqa: F401 - first: it sets OpenBLAS's thread timeout before numpy loads it
+    import numpy as np
+    from mini_engine.core.plan import PagedStep
+    from mini_engine.model.source import resolve_model
+    from mini_engine.registry import get_backend
+    from mini_engine.runner import RunnerConfig, StepInput
+
+    backend, _, device = args.worker.partition(":")
+    source = resolve_model(args.model)
+    runner = get_backend(backend)(RunnerConfig(model=source, device=device or "cpu"))
+    runner.load()
+    cfg = source.config
+    rows = []
+    batches = [int(b) for b in args.batch_sizes.split(",")]
+    contexts = [int(c) for c in args.contexts.split(",")]
+    paths = args.paths.split(",")
+    kv_per_token = runner.kv_bytes_per_token
+    rng = np.random.default_rng(0)
+
+    def timed(fn) -> float:
+        fn()
+        fn()
+        out = []
+        for _ in range(args.steps):
+            t = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - t)
+        return statistics.median(out) * 1e3
+
+    for path in paths:
+        if path == "paged" and runner.paged_unsupported_reason():
+            rows.append({"target": args.worker, "path": path, "status": "skipped",
+                         "reason": runner.paged_unsupported_reason()})
+            continue
+        for b in batches:
+            if path == "paged":
+                bs = 16
+                per_row = -(-(max(contexts) + 1) // bs)
+                runner.allocate_kv_pool(b * per_row, bs)
+            for ctx in contexts:
+                ids = rng.integers(0, 50000, b).astype(np.int64)
+                if path == "paged":
+                    tables = rng.permutation(b * per_row).reshape(b, per_row).astype(np.int32)
+                    pos = np.full(b, ctx, np.int64)
+                    slots = tables[np.arange(b), ctx // bs].astype(np.int64) * bs + ctx % bs
+                    step = PagedStep(ids, pos, np.arange(b + 1, dtype=np.int64), np.full(b, ctx, np.int64),
+                                     tables, slots, np.arange(b, dtype=np.int64), bs)
+                    ms = timed(lambda: runner.execute_paged(step))
+                else:
+                    runner.allocate_kv(b, ctx + 1)
+                    step = StepInput(ids[:, None], np.full((b, 1), ctx, np.int64), np.ones((b, ctx + 1), np.int64),
+                                     list(range(b)), ctx)
+                    if backend == "onnxruntime":
+                        ms = timed(lambda: _ort_decode(runner, step, b, ctx, cfg))
+                    else:
+                        ms = timed(lambda: runner.execute(step))
+                    runner.free_kv()
+                kv = b * ctx * kv_per_token
+                rows.append({"target": args.worker, "path": path, "status": "ok", "batch_size": b, "context": ctx,
+                             "step_ms": round(ms, 2), "kv_mb": round(kv / 1e6, 1),
+                             "weights_mb": round(runner.weight_bytes / 1e6, 1),
+                             "gbps": round((runner.weight_bytes + kv) / ms / 1e6, 1)})
+            if path == "paged":
+                runner.free_kv_pool()
+    runner.close()
+    return rows
+
+
+def _ort_decode(runner, step, b, ctx, cfg):
+    """One concat-export decode step from a cache of `ctx` positions (zeros bound as the last presents)."""
+    from onnxruntime import OrtValue
+    import numpy as np
+
+    zeros = np.zeros((b, cfg.n_head, ctx, cfg.head_dim), np.float32)
+    runner.past = [OrtValue.ortvalue_from_numpy(zeros) for _ in runner.past_names]
+    runner.layout, runner.cached_len = list(range(b)), ctx
+    return runner.execute(step)
+
+
+def markdown(report: dict) -> str:
+    lines = [f"Decode step time vs context, {report['model']} float32, CPU: {report['cpu']} "
+             f"({report['cores']} cores), numpy copy bandwidth {report['copy_gbps']} GB/s; median of "
+             f"{report['steps']} steps.", "", f"Command: `python {report['command']}`", "",
+             "| target | path | batch | context | step ms | vs shortest context | KV MB/step | (weights+KV) GB/s |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    base = {}
+    for r in report["rows"]:
+        if r["status"] != "ok":
+            lines.append(f"| {r['target']} | {r['path']} | | | skipped: {r['reason']} | | | |")
+            continue
+        key = (r["target"], r["path"], r["batch_size"])
+        base.setdefault(key, r["step_ms"])
+        lines.append(f"| {r['target']} | {r['path']} | {r['batch_size']} | {r['context']} | {r['step_ms']:.1f} | "
+                     f"{r['step_ms'] / base[key]:.2f}x | {r['kv_mb']:.0f} | {r['gbps']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(args)))
+        return 0
+    rows = []
+    for target in args.targets.split(","):
+        cmd = [sys.executable, __file__, "--worker", target, "--model", args.model, "--batch-sizes", args.batch_sizes,
+               "--contexts", args.contexts, "--steps", str(args.steps), "--paths", args.paths]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            reason = (proc.stderr.strip().splitlines() or ["failed"])[-1]
+            rows.append({"target": target, "path": "-", "status": "skipped", "reason": reason})
+            continue
+        rows += json.loads(proc.stdout.strip().splitlines()[-1])
+    import os
+
+    report = {"command": " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]), "model": args.model,
+              "cpu": cpu_model(), "cores": os.cpu_count(), "copy_gbps": copy_bandwidth_gbps(), "steps": args.steps,
+              "rows": rows}
+    text = markdown(report)
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+        out.with_suffix(".md").write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
