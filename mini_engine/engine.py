@@ -7,6 +7,7 @@ own sampling params. A runner with only the static contract gets static batching
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import time
 from pathlib import Path
@@ -55,6 +56,7 @@ class Engine:
         self.rows_stepped = 0  # continuous batching: sum over steps of the rows in each step
         self.scheduler: Scheduler | None = None
         self.kv_capacity = ""
+        self.notes: list[str] = []  # what the engine changed from the config, and why
         self.static_reason = self.runner.paged_unsupported_reason()
         if self.static_reason is None:
             try:
@@ -67,15 +69,26 @@ class Engine:
     def _init_scheduler(self) -> None:
         sc: SchedulerConfig = self.config.scheduler
         per_token = self.runner.kv_bytes_per_token
-        blocks = sc.pool_blocks(per_token, self.max_positions)
-        sc.check_model(self.max_positions)
+        window = self.max_positions
+        sc.check_model(window)
+        if self.runner.kv_layout == "slots":
+            # One contiguous cache row per running sequence: the pool is max_num_seqs windows, and
+            # a block can belong to one sequence only, so there is no prefix cache to share.
+            blocks = sc.max_num_seqs * -(-window // sc.block_size)
+            if sc.enable_prefix_caching:
+                sc = dataclasses.replace(sc, enable_prefix_caching=False)
+                self.config.scheduler = sc
+                self.notes.append(f"prefix caching is off: backend '{self.runner.name}' keeps one cache row "
+                                  f"per sequence (kv layout 'slots')")
+        else:
+            blocks = sc.pool_blocks(per_token, window)
         self.runner.allocate_kv_pool(blocks, sc.block_size)
-        self.scheduler = Scheduler(sc, BlockManager(blocks, sc.block_size, sc.enable_prefix_caching),
-                                   self.max_positions)
+        self.scheduler = Scheduler(sc, BlockManager(blocks, sc.block_size, sc.enable_prefix_caching), window)
         tokens = blocks * sc.block_size
-        self.kv_capacity = (f"KV cache: {blocks} blocks x {sc.block_size} tokens = {tokens} tokens "
-                            f"({tokens * per_token / 2**20:.0f} MiB, {tokens / self.max_positions:.1f} full "
-                            f"context windows)")
+        layout = f"{sc.max_num_seqs} slots x {window} tokens" if self.runner.kv_layout == "slots" else \
+            f"{blocks} blocks x {sc.block_size} tokens"
+        self.kv_capacity = (f"KV cache: {layout} = {tokens} tokens ({tokens * per_token / 2**20:.0f} MiB, "
+                            f"{tokens / window:.1f} full context windows)")
 
     @property
     def continuous(self) -> bool:
@@ -87,6 +100,7 @@ class Engine:
         if self.scheduler is not None:
             sc = self.config.scheduler
             info["generation"] = {"mode": "continuous batching", "kv_capacity": self.kv_capacity,
+                                  "kv_layout": self.runner.kv_layout, "notes": self.notes,
                                   "max_num_seqs": sc.max_num_seqs,
                                   "max_num_batched_tokens": sc.max_num_batched_tokens,
                                   "chunked_prefill": sc.enable_chunked_prefill,
@@ -428,8 +442,6 @@ class Engine:
 
 
 def _replace(params: SamplingParams, **changes: Any) -> SamplingParams:
-    import dataclasses
-
     return dataclasses.replace(params, **changes)
 
 

@@ -87,6 +87,10 @@ class Runner(abc.ABC):
     #: Whether the runner implements the paged contract (`allocate_kv_pool`, `execute_paged`).
     #: Runners without it still run: the engine falls back to static batching for them.
     supports_paged: ClassVar[bool] = False
+    #: How a paged runner stores KV: "blocks" (a pool addressed by block tables and slot_mapping;
+    #: prefix caching shares blocks) or "slots" (one contiguous row per sequence, keyed by
+    #: PagedStep.seq_ids; no prefix caching, the engine sizes the pool as max_num_seqs windows).
+    kv_layout: ClassVar[str] = "blocks"
 
     def __init__(self, config: RunnerConfig):
         if config.device.split(":")[0] not in self.supported_devices:

@@ -30,6 +30,9 @@ class ScheduledSeq:
 class SchedulerOutput:
     seqs: list[ScheduledSeq] = field(default_factory=list)
     preempted: list[str] = field(default_factory=list)  # request ids sent back to the queue this step
+    # Requests whose KV was freed since the last step (finished, aborted, preempted): a runner
+    # that keeps per-sequence state (the ORT runner's cache slots) releases it.
+    freed: list[str] = field(default_factory=list)
     block_size: int = 16
 
     @property
@@ -68,7 +71,8 @@ class SchedulerOutput:
             if s.needs_logits:
                 logits_rows.append(r)
         context = np.array([s.num_cached for s in seqs], np.int64)
-        return PagedStep(ids, pos, starts, context, tables, slots, np.array(logits_rows, np.int64), bs)
+        return PagedStep(ids, pos, starts, context, tables, slots, np.array(logits_rows, np.int64), bs,
+                         [s.request_id for s in seqs], list(self.freed))
 
 
 @dataclass
@@ -90,6 +94,8 @@ class PagedStep:
     slot_mapping: np.ndarray  # [N] int64
     logits_rows: np.ndarray  # [M] int64, rows whose last token's logits are returned
     block_size: int
+    seq_ids: list[str] = field(default_factory=list)  # row r's request id (stable while it runs)
+    freed_seq_ids: list[str] = field(default_factory=list)  # see SchedulerOutput.freed
 
     @property
     def num_tokens(self) -> int:

@@ -30,6 +30,7 @@ class Scheduler:
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0
+        self._freed: list[str] = []  # request ids freed since the last plan that ran
 
     # ----- requests -------------------------------------------------------------------
     def add_request(self, req: Request) -> None:
@@ -69,6 +70,7 @@ class Scheduler:
         else:
             self.waiting.remove(req)
         self.block_manager.free(req)
+        self._freed.append(req.request_id)
         req.status, req.finish_reason = RequestStatus.FINISHED, reason
         req.finish_s = req.finish_s or time.perf_counter()
         del self.requests[req.request_id]
@@ -121,10 +123,13 @@ class Scheduler:
             self.running.append(req)
             out.seqs.append(ScheduledSeq(req, n, cached, cached + n == req.num_tokens))
             budget -= n
+        if out.seqs:  # a plan that does not run would lose them
+            out.freed, self._freed = self._freed, []
         return out
 
     def _preempt(self, req: Request) -> None:
         self.block_manager.free(req)
+        self._freed.append(req.request_id)
         req.status = RequestStatus.WAITING
         req.num_preemptions += 1
         self.num_preemptions += 1
