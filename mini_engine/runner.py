@@ -93,11 +93,9 @@ class Runner(abc.ABC):
     kv_layout: ClassVar[str] = "blocks"
 
     def __init__(self, config: RunnerConfig):
-        if config.device.split(":")[0] not in self.supported_devices:
-            raise ConfigError(
-                f"backend '{self.name}' does not support device '{config.device}' "
-                f"(supported: {', '.join(self.supported_devices)})"
-            )
+        problem = self.device_problem(config.device)
+        if problem:
+            raise ConfigError(problem)
         self.config = config
         self.options = self.parse_options(config.options)
         self._loaded = False
@@ -107,6 +105,18 @@ class Runner(abc.ABC):
         self._block_size = 0
 
     # ----- discovery -------------------------------------------------------
+    @classmethod
+    def device_problem(cls, device: str) -> str | None:
+        """Why `device` is never this backend's, or None. When the backend could not run here on
+        any device (tensorrt on a CPU-only machine), that reason is what the user needs too."""
+        if device.split(":")[0] in cls.supported_devices:
+            return None
+        message = f"backend '{cls.name}' does not support device '{device}' (supported: {', '.join(cls.supported_devices)})"
+        avail = cls.availability()
+        if not avail.available:
+            message += f"; nor can it run on this machine: {avail.reason}"
+        return message
+
     @classmethod
     def availability(cls) -> Availability:
         """Say whether this backend can run here without importing heavy libraries."""

@@ -61,13 +61,6 @@ def check_device(cfg) -> None:
     from ..errors import ConfigError
     from ..registry import get_backend
 
-    cls = get_backend(cfg.backend.name)
-    device = cfg.backend.device
-    if device.split(":")[0] in cls.supported_devices:
-        return
-    message = (f"backend '{cls.name}' does not support device '{device}' "
-               f"(supported: {', '.join(cls.supported_devices)})")
-    avail = cls.availability()
-    if not avail.available:
-        message += f"; nor can it run on this machine: {avail.reason}"
-    raise ConfigError(message)
+    problem = get_backend(cfg.backend.name).device_problem(cfg.backend.device)
+    if problem:
+        raise ConfigError(problem)
