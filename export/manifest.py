@@ -45,6 +45,10 @@ def output_names(n_layer: int) -> list[str]:
 
 
 LOGITS_MODES = ("all", "last")
+# The KV-cache contract an export implements. "concat" is the one above (present = past ++ new,
+# static batching); "gqa" is onnx_gqa.py's (GroupQueryAttention over caller-owned buffers written
+# in place: continuous batching). Absent from older manifests = concat.
+KV_CACHE_CONTRACTS = {"concat": "concat-v1", "gqa": "gqa-v1"}
 
 
 def io_contract(cfg: GPT2Config, precision: str, logits: str = "all") -> dict[str, list[dict[str, Any]]]:
@@ -63,13 +67,30 @@ def io_contract(cfg: GPT2Config, precision: str, logits: str = "all") -> dict[st
     return {"inputs": inputs, "outputs": outputs}
 
 
+def gqa_io_contract(cfg: GPT2Config) -> dict[str, list[dict[str, Any]]]:
+    """The gqa-v1 graph's I/O (mini_engine_export.onnx_gqa's docstring says how to drive it)."""
+    def spec(name, dims, dtype):
+        return {"name": name, "shape": dims, "dtype": dtype}
+
+    buf = ["batch", cfg.n_head, "capacity", cfg.head_dim]
+    inputs = [spec("input_ids", ["batch", "seq"], "int64"), spec("position_ids", ["batch", "seq"], "int64"),
+              spec("seqlens_k", ["batch"], "int32"), spec("total_sequence_length", [], "int32"),
+              spec("query_lens", ["batch"], "int32")]
+    inputs += [spec(f"past_{kv}.{i}", buf, "float32") for i in range(cfg.n_layer) for kv in ("key", "value")]
+    outputs = [spec("logits", ["batch", cfg.vocab_size], "float32")]
+    outputs += [spec(f"present_{kv}.{i}", buf, "float32") for i in range(cfg.n_layer) for kv in ("key", "value")]
+    return {"inputs": inputs, "outputs": outputs}
+
+
 def export_request(source: ModelSource, opset: int, precision: str, optimize: bool, exporter: str,
-                   logits: str = "all") -> dict:
+                   logits: str = "all", kv_cache: str = "concat") -> dict:
     """What identifies an export: re-running with an equal request reuses the files."""
     request = {"model_fingerprint": source.fingerprint(), "opset": opset, "precision": precision,
                "optimize": optimize, "exporter": exporter, "format": FORMAT_VERSION}
     if logits != "all":  # absent = all, so exports made before the option still match
         request["logits"] = logits
+    if kv_cache != "concat":  # absent = concat, likewise
+        request["kv_cache"] = kv_cache
     return request
 
 
@@ -104,7 +125,9 @@ def build_manifest(source: ModelSource, directory: Path, request: dict, optimiza
         "exporter": request["exporter"],
         "precision": request["precision"],
         "optimization": optimization,
-        "io": io_contract(source.config, request["precision"], request.get("logits", "all")),
+        "kv_cache": KV_CACHE_CONTRACTS[request.get("kv_cache", "concat")],
+        "io": io_contract(source.config, request["precision"], request.get("logits", "all"))
+        if request.get("kv_cache", "concat") == "concat" else gqa_io_contract(source.config),
         "versions": versions(),
         "files": {"model": MODEL_FILE},
         "sha256": {name: sha256(directory / name) for name in files},
@@ -140,6 +163,11 @@ class Manifest:
     @property
     def precision(self) -> str:
         return self.data.get("precision", "float32")
+
+    @property
+    def kv_cache(self) -> str:
+        """"concat" or "gqa": the KV-cache contract the graph implements."""
+        return self.data.get("request", {}).get("kv_cache", "concat")
 
     @property
     def logits(self) -> str:

@@ -63,8 +63,12 @@ def in_cache(out: Path) -> bool:
 def export_onnx(source: ModelSource, out: Path, opset: int = DEFAULT_OPSET, optimize: bool = False,
                 fp16: bool = False, validate: bool = True, force: bool = False, exporter: str = "dynamo",
                 logits: str = "all", log: Callable[[str], None] = lambda s: None,
-                cache: bool | None = None) -> ExportResult:
+                cache: bool | None = None, kv_cache: str = "concat") -> ExportResult:
     """Export `source` into directory `out` (reusing an identical earlier export unless `force`).
+
+    `kv_cache`: "concat" (the torch.onnx export of GPT2.forward: present = past ++ new) or "gqa"
+    (onnx_gqa.py's graph for continuous batching: float32, last-token logits, written from the
+    weights, validated over ragged prefill/decode/chunked steps).
 
     `cache`: `out` is a cache entry made on first use rather than a directory the user chose
     (None: when it lies in the default cache), which changes what the messages tell the user.
@@ -77,10 +81,22 @@ def export_onnx(source: ModelSource, out: Path, opset: int = DEFAULT_OPSET, opti
         raise ConfigError(f"--opset must be in 14..23 (LayerNormalization needs 17+ to stay one op), got {opset}")
     if logits not in mf.LOGITS_MODES:
         raise ConfigError(f"logits must be one of {', '.join(mf.LOGITS_MODES)}, got '{logits}'")
+    if kv_cache not in mf.KV_CACHE_CONTRACTS:
+        raise ConfigError(f"kv_cache must be one of {', '.join(mf.KV_CACHE_CONTRACTS)}, got '{kv_cache}'")
+    if kv_cache == "gqa":
+        if fp16 or optimize or logits != "last":
+            raise ConfigError("--kv-cache gqa exports float32 with last-token logits and its own fused graph; "
+                              "drop --fp16 / --optimize and use --logits last")
+        from .onnx_gqa import DEFAULT_OPSET as GQA_OPSET, runtime_problem
+
+        problem = runtime_problem()
+        if problem:
+            raise ExportError(f"cannot export --kv-cache gqa: {problem}")
+        opset, exporter = GQA_OPSET, "gqa-builder"
     out = Path(out).expanduser()
     cache = in_cache(out) if cache is None else cache
     precision = "float16" if fp16 else "float32"
-    request = mf.export_request(source, opset, precision, optimize, exporter, logits)
+    request = mf.export_request(source, opset, precision, optimize, exporter, logits, kv_cache)
     existing = mf.Manifest.read(out) if out.is_dir() else None
     if existing is not None and not force:
         if existing.matches(request) and (existing.data.get("validation") or {}).get("passed", True):
@@ -129,6 +145,8 @@ def _export_into(source: ModelSource, tmp: Path, request: dict, optimize: bool, 
     cfg = source.config
     external = cfg.weight_bytes("float32") > EXTERNAL_DATA_BYTES
     model = build_model(source, "float32", "cpu")
+    if request.get("kv_cache") == "gqa":
+        return _export_gqa_into(source, model, tmp, request, validate, external, log)
     t0 = time.perf_counter()
     log(f"exporting {source.spec} with the {exporter} exporter (opset {request['opset']})...")
     last = request.get("logits") == "last"
@@ -152,10 +170,7 @@ def _export_into(source: ModelSource, tmp: Path, request: dict, optimize: bool, 
         # After fusion: the optimizer's patterns are written for float32 graphs.
         _save(to_float16(onnx.load(str(path))), path, external)
         onnx.checker.check_model(str(path))
-    if source.kind == "local" and source.path is not None:
-        for name in mf.TOKENIZER_FILES:
-            if (source.path / name).is_file():
-                shutil.copy2(source.path / name, tmp / name)
+    _copy_tokenizer(source, tmp)
 
     report = None
     if validate:
@@ -168,6 +183,32 @@ def _export_into(source: ModelSource, tmp: Path, request: dict, optimize: bool, 
                                                   report.summary() if report else None))
     manifest.write()
     return ExportResult(tmp, manifest, reused=False, validation=report)
+
+
+def _export_gqa_into(source, model, tmp: Path, request: dict, validate: bool, external: bool, log) -> ExportResult:
+    from .onnx_gqa import GqaValidation, build_gqa_graph, validate_gqa_graph
+
+    t0 = time.perf_counter()
+    log(f"building the GroupQueryAttention graph of {source.spec} (kv cache contract gqa-v1)...")
+    path = build_gqa_graph(model, tmp / mf.MODEL_FILE, external_data=external)
+    log(f"built in {time.perf_counter() - t0:.1f} s: {path.stat().st_size / 1e6:.0f} MB"
+        + (" + external data" if external else ""))
+    _copy_tokenizer(source, tmp)
+    report = GqaValidation(validate_gqa_graph(path, model)) if validate else None
+    if report is not None:
+        for line in report.table().splitlines():
+            log(line)
+    manifest = mf.Manifest(tmp, mf.build_manifest(source, tmp, request, {"requested": False, "applied": False},
+                                                  report.summary() if report else None))
+    manifest.write()
+    return ExportResult(tmp, manifest, reused=False, validation=report)
+
+
+def _copy_tokenizer(source, tmp: Path) -> None:
+    if source.kind == "local" and source.path is not None:
+        for name in mf.TOKENIZER_FILES:
+            if (source.path / name).is_file():
+                shutil.copy2(source.path / name, tmp / name)
 
 
 def _sample_inputs(cfg):

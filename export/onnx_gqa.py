@@ -353,6 +353,36 @@ class StepResult:
         return self.logits_diff <= self.tol and self.kv_diff <= self.tol
 
 
+@dataclass
+class GqaValidation:
+    """validate_gqa_graph's steps with the interface of validate.Report (table, summary, failure)."""
+
+    steps: list[StepResult]
+
+    @property
+    def passed(self) -> bool:
+        return all(r.passed for r in self.steps)
+
+    def failure(self) -> str:
+        r = max(self.steps, key=lambda r: max(r.logits_diff, r.kv_diff) / r.tol)
+        return (f"step {r.step} (new tokens per row {r.new_tokens}): max |logits diff| {r.logits_diff:.2e}, "
+                f"max |KV diff| {r.kv_diff:.2e} > {r.tol:.1e}")
+
+    def table(self) -> str:
+        lines = ["validation vs the PyTorch forward (float32, CPUExecutionProvider; rows of one step have their "
+                 "own cached lengths and new-token counts):",
+                 "step  new tokens per row  rows  max|dlogits|  max|dKV|  tolerance  result"]
+        for r in self.steps:
+            lines.append(f"{r.step:>4}  {str(r.new_tokens):>18}  {r.rows[0]}:{r.rows[1]:<3} {r.logits_diff:>11.2e}  "
+                         f"{r.kv_diff:>8.2e}  {r.tol:>9.1e}  {'pass' if r.passed else 'FAIL'}")
+        return "\n".join(lines)
+
+    def summary(self) -> dict:
+        return {"passed": self.passed, "provider": "CPUExecutionProvider", "cases": len(self.steps),
+                "max_logits_diff": max((r.logits_diff for r in self.steps), default=0.0),
+                "max_kv_diff": max((r.kv_diff for r in self.steps), default=0.0)}
+
+
 def validate_gqa_graph(path, model, scenario=SCENARIO, capacity: int = 32, seed: int = 0,
                        session=None) -> list[StepResult]:
     """Run `scenario` through the graph and compare every active row with the PyTorch forward.

@@ -72,9 +72,11 @@ class Engine:
         window = self.max_positions
         sc.check_model(window)
         if self.runner.kv_layout == "slots":
-            # One contiguous cache row per running sequence: the pool is max_num_seqs windows, and
-            # a block can belong to one sequence only, so there is no prefix cache to share.
-            blocks = sc.max_num_seqs * -(-window // sc.block_size)
+            # One contiguous cache row per running sequence: memory is max_num_seqs windows (the
+            # block pool only caps tokens in flight when num_kv_blocks asks for fewer), and a
+            # block belongs to one sequence only, so there is no prefix cache to share.
+            full = sc.max_num_seqs * -(-window // sc.block_size)
+            blocks = min(sc.num_kv_blocks, full) if sc.num_kv_blocks else full
             if sc.enable_prefix_caching:
                 sc = dataclasses.replace(sc, enable_prefix_caching=False)
                 self.config.scheduler = sc
@@ -82,13 +84,16 @@ class Engine:
                                   f"per sequence (kv layout 'slots')")
         else:
             blocks = sc.pool_blocks(per_token, window)
-        self.runner.allocate_kv_pool(blocks, sc.block_size)
+        self.runner.allocate_kv_pool(blocks, sc.block_size, sc.max_num_seqs)
         self.scheduler = Scheduler(sc, BlockManager(blocks, sc.block_size, sc.enable_prefix_caching), window)
         tokens = blocks * sc.block_size
-        layout = f"{sc.max_num_seqs} slots x {window} tokens" if self.runner.kv_layout == "slots" else \
-            f"{blocks} blocks x {sc.block_size} tokens"
-        self.kv_capacity = (f"KV cache: {layout} = {tokens} tokens ({tokens * per_token / 2**20:.0f} MiB, "
-                            f"{tokens / window:.1f} full context windows)")
+        if self.runner.kv_layout == "slots":
+            rows = sc.max_num_seqs * window
+            self.kv_capacity = (f"KV cache: {sc.max_num_seqs} rows x {window} tokens ({rows * per_token / 2**20:.0f} "
+                                f"MiB, one row per running sequence), {tokens} tokens in flight at most")
+        else:
+            self.kv_capacity = (f"KV cache: {blocks} blocks x {sc.block_size} tokens = {tokens} tokens "
+                                f"({tokens * per_token / 2**20:.0f} MiB, {tokens / window:.1f} full context windows)")
 
     @property
     def continuous(self) -> bool:

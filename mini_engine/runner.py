@@ -188,15 +188,19 @@ class Runner(abc.ABC):
         cfg = self.config.model.config
         return 2 * cfg.n_layer * cfg.n_embd * (2 if self.config.dtype in ("float16", "bfloat16") else 4)
 
-    def allocate_kv_pool(self, num_blocks: int, block_size: int) -> None:
-        """Reserve a pool of `num_blocks` KV blocks of `block_size` tokens each."""
+    def allocate_kv_pool(self, num_blocks: int, block_size: int, max_num_seqs: int = 0) -> None:
+        """Reserve a pool of `num_blocks` KV blocks of `block_size` tokens each.
+
+        `max_num_seqs`: the most sequences one step holds (a "slots" runner keeps a row each;
+        0 = as many as the pool holds full context windows).
+        """
         self._require_loaded()
         reason = self.paged_unsupported_reason()
         if reason:
             raise MiniEngineError(reason)
         if num_blocks < 1 or block_size < 1:
             raise MiniEngineError(f"the KV pool needs >= 1 block of >= 1 token, got {num_blocks} x {block_size}")
-        self._allocate_kv_pool_impl(num_blocks, block_size)
+        self._allocate_kv_pool_impl(num_blocks, block_size, max_num_seqs)
         self._pool_blocks, self._block_size = num_blocks, block_size
 
     def free_kv_pool(self) -> None:
@@ -298,7 +302,7 @@ class Runner(abc.ABC):
     @abc.abstractmethod
     def _execute_impl(self, step: StepInput) -> np.ndarray: ...
 
-    def _allocate_kv_pool_impl(self, num_blocks: int, block_size: int) -> None:  # pragma: no cover
+    def _allocate_kv_pool_impl(self, num_blocks: int, block_size: int, max_num_seqs: int) -> None:  # pragma: no cover
         raise MiniEngineError(f"backend '{self.name}' does not implement the paged KV pool")
 
     def _free_kv_pool_impl(self) -> None:

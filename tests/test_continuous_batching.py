@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-BACKENDS = ["torch"]
+BACKENDS = ["torch", "onnxruntime"]
 
 
 def hf_greedy(hf_model, prompt_ids, n):
@@ -75,13 +75,14 @@ def test_staggered_greedy_equals_transformers(hf_dir, references, backend, case)
     with engine_for(hf_dir, backend, **CASES[case]) as engine:
         got = run_staggered(engine, ps, max_new)
         stats = engine.stats()
+        assert engine.continuous, engine.static_reason
     for p, n, c in zip(ps, max_new, got):
         assert c.token_ids == references(p, n), f"prompt of {len(p)} tokens diverged"
         assert c.finish_reason == "length"
     assert stats["kv_usage"] == 0 and stats["running"] == stats["waiting"] == 0
     if case == "preemption":
         assert stats["preemptions"] > 0
-    if case == "default":
+    if case == "default" and engine.config.scheduler.enable_prefix_caching:
         assert stats["prefix_cache_hits"] > 0
     if case == "no-prefix-cache":
         assert stats["prefix_cache_hits"] == 0
@@ -139,3 +140,29 @@ def test_request_that_can_never_fit_is_one_clear_error(hf_dir):
     with engine_for(hf_dir, "torch", num_kv_blocks=2, block_size=4) as engine:
         with pytest.raises(PromptTooLong, match="pool holds 8"):
             engine.add_request("big", list(range(10)), SamplingParams(max_new_tokens=4))
+
+
+def test_gqa_export_from_the_cli_runs_continuous_and_the_runner_refuses_a_mismatch(tmp_path, hf_dir, references):
+    """`export onnx --kv-cache gqa` gives an export that --model runs on continuous batching; a concat
+    export asked to serve as gqa is one clear line."""
+    from conftest import run_cli
+
+    from mini_engine import Engine
+    from mini_engine.errors import ModelNotFound
+
+    gqa = tmp_path / "gqa"
+    proc = run_cli("export", "onnx", "--model", hf_dir, "--out", gqa, "--kv-cache", "gqa", check=True)
+    assert "pass" in proc.stderr and "FAIL" not in proc.stderr
+    with Engine(model=str(gqa), backend="onnxruntime") as engine:
+        assert engine.continuous and engine.runner.describe()["kv_cache"].startswith("gqa-v1")
+        c = engine.generate("Hello there", max_new_tokens=7, ignore_eos=True)[0]
+        assert c.token_ids == references(c.prompt_token_ids, 7)
+    concat = tmp_path / "concat"
+    run_cli("export", "onnx", "--model", hf_dir, "--out", concat, "--logits", "last", check=True)
+    with pytest.raises(ModelNotFound, match="concat kv cache contract"):
+        Engine(model=str(concat), backend="onnxruntime", kv_cache="gqa")
+    with Engine(model=str(concat), backend="onnxruntime") as engine:  # auto: static batching, says why
+        assert not engine.continuous and "--kv-cache gqa" in engine.static_reason
+    bad = run_cli("generate", "--model", concat, "--backend", "onnxruntime", "--set", "backend.options.kv_cache=gqa", "x")
+    assert bad.returncode != 0 and "Traceback" not in bad.stderr
+    assert len([line for line in bad.stderr.splitlines() if line.startswith("Error")]) == 1

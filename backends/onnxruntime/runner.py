@@ -1,6 +1,12 @@
 """ONNX Runtime runner: the exported GPT-2 graph, KV cache kept as OrtValues between steps.
 
-Each step binds the previous step's `present.*` outputs as this step's `past_key_values.*`
+Two exports, two step contracts:
+- continuous batching (`execute_paged`) runs the GroupQueryAttention export (kv cache contract
+  gqa-v1, export/onnx_gqa.py): one cache row per sequence, written in place (paged_slots.py);
+- static batching (`execute`: scoring, the static and naive baselines) runs the concat export
+  (present = past ++ new), loaded on first use when the gqa export serves generation.
+
+For the concat export, each step binds the previous step's `present.*` outputs as this step's `past_key_values.*`
 through IO binding, so the cache never passes through numpy; on CUDA it stays on the
 device, and only the logits are copied to the host. When the engine drops finished rows,
 a tiny Gather graph (same providers) selects the remaining rows, again without leaving
@@ -18,6 +24,8 @@ import numpy as np
 from mini_engine.devices import cuda_unavailable_reason, module_installed, package_version
 from mini_engine.errors import ConfigError, MiniEngineError, ModelNotFound
 from mini_engine.runner import Availability, Runner, StepInput
+
+from .paged_slots import PagedSlots
 
 
 @dataclass
@@ -40,6 +48,10 @@ class OrtOptions:
     trt_fp16: bool = False
     trt_max_batch_size: int = 16  # the TensorRT optimisation profile's largest shapes
     trt_max_seq_len: int = 0  # 0 = the model's context window
+    # KV-cache contract of the export that serves generation: "gqa" (continuous batching over
+    # GroupQueryAttention with caches written in place), "concat" (static batching only), or
+    # "auto" (gqa on CPU in float32 where this onnxruntime's GroupQueryAttention can run it).
+    kv_cache: str = "auto"
 
     def __post_init__(self):
         from .session import LEVELS
@@ -55,14 +67,18 @@ class OrtOptions:
 
         if self.logits not in LOGITS_MODES:
             raise ConfigError(f"backend.options.logits must be one of {', '.join(LOGITS_MODES)}, got '{self.logits}'")
+        if self.kv_cache not in ("auto", "gqa", "concat"):
+            raise ConfigError(f"backend.options.kv_cache must be auto, gqa or concat, got '{self.kv_cache}'")
         if self.trt_max_batch_size < 1 or self.trt_max_seq_len < 0:
             raise ConfigError("backend.options.trt_max_batch_size must be >= 1 and trt_max_seq_len >= 0")
 
 
-class OrtRunner(Runner):
+class OrtRunner(PagedSlots, Runner):
     name = "onnxruntime"
     supported_devices = ("cpu", "cuda")
     Options = OrtOptions
+    supports_paged = True
+    kv_layout = "slots"
 
     @classmethod
     def availability(cls) -> Availability:
@@ -83,34 +99,88 @@ class OrtRunner(Runner):
         if self.config.dtype == "float16" and self.device_kind != "cuda":
             raise ConfigError("float16 ONNX graphs need --device cuda; on CPU use float32")
         self.cache_root = s.cache_root(self.options.cache_dir)
-        providers = s.choose_providers(self.options.providers, self.config.device)
-        self.export = self._resolve_export()
-        self.onnx_file = self.export.model_file
-        self.precision = self.export.precision
+        self.providers = s.choose_providers(self.options.providers, self.config.device)
         self.spinning = s.resolve_spinning(self.options.allow_spinning)
-        so = s.session_options(self.options, self.spinning)
-        cfg = self.config.model.config
-        popts = s.provider_options(providers, self.config.device, self.options, cfg, self.cache_root, self.precision)
-        self.session = s.create_session(self.onnx_file, so, providers, popts)
-        self._check_contract()
-        # Row selection runs on CUDA (or CPU), never TensorRT: it is one Gather per tensor.
-        gather_providers = [p for p in providers if p != "TensorrtExecutionProvider"] or ["CPUExecutionProvider"]
-        self.gather = s.create_session(self._gather_graph(), so, gather_providers,
-                                       [{} if p == "CPUExecutionProvider" else {"device_id": self.device_id}
-                                        for p in gather_providers])
-        self.kv_dtype = np.float16 if self.precision == "float16" else np.float32
-        self.past_names = [i.name for i in self.session.get_inputs()][3:]
-        self.present_names = [o.name for o in self.session.get_outputs()][1:]
+        self.session_opts = s.session_options(self.options, self.spinning)
+        self.session = self.gather = self.export = self.gqa_session = None
         self.past: list | None = None
         self.layout: list[int] = []
         self.cached_len = 0
+        given = self._given_export()
+        self.gqa_export, self.paged_reason = None, None
+        if given is not None and given.kv_cache == "gqa":
+            if self.options.kv_cache == "concat":
+                raise ModelNotFound(f"the export in '{given.directory}' implements the gqa-v1 kv cache contract but "
+                                    f"backend.options.kv_cache is 'concat'; give a concat export or use 'auto'")
+            self.gqa_export = given
+        elif given is not None:
+            if self.options.kv_cache == "gqa":
+                raise ModelNotFound(f"the export in '{given.directory}' implements the concat kv cache contract "
+                                    f"(static batching); for continuous batching export with "
+                                    f"`mini-engine export onnx --kv-cache gqa` or use backend.options.kv_cache = auto")
+            self.paged_reason = (f"the export in '{given.directory}' implements the concat kv cache contract; "
+                                 f"`mini-engine export onnx --kv-cache gqa` makes one for continuous batching")
+            self._load_static(given)
+        else:
+            self.paged_reason = self._gqa_problem()
+            if self.paged_reason is None:
+                self.gqa_export = self._export_to_cache(self.config.model, "gqa")
+            elif self.options.kv_cache == "gqa":
+                raise BackendUnavailable(f"backend.options.kv_cache = 'gqa' cannot run here: {self.paged_reason}")
+            else:
+                self._load_static(self._export_to_cache(self.config.model, "concat"))
+        if self.gqa_export is not None:
+            self._load_gqa(self.gqa_export)
+        self.precision = (self.export or self.gqa_export).precision
+        self.onnx_file = (self.export or self.gqa_export).model_file
+
+    def _gqa_problem(self) -> str | None:
+        """Why the gqa export cannot serve this configuration, or None."""
+        if self.options.kv_cache == "concat":
+            return "backend.options.kv_cache = 'concat' (static batching)"
+        if self.device_kind != "cpu" or self.config.dtype != "float32":
+            return ("the gqa export runs on CPU in float32 (CUDA's GroupQueryAttention takes float16 only; "
+                    "untested here)")
+        from mini_engine_export.onnx_gqa import runtime_problem
+
+        return runtime_problem()
+
+    def _load_static(self, export=None) -> None:
+        """The concat export's session (static steps); on first use when the gqa export serves generation."""
+        from . import session as s
+
+        if self.session is not None:
+            return
+        if export is None:
+            if self.gqa_export is not None and self._given_export() is not None:
+                raise MiniEngineError(f"the export in '{self.gqa_export.directory}' implements only the gqa-v1 "
+                                      f"contract (continuous batching); static steps (scoring, static batching) "
+                                      f"need a concat export (`mini-engine export onnx`)")
+            export = self._export_to_cache(self.config.model, "concat")
+        self.export = export
+        cfg = self.config.model.config
+        popts = s.provider_options(self.providers, self.config.device, self.options, cfg, self.cache_root,
+                                   export.precision)
+        self.session = s.create_session(export.model_file, self.session_opts, self.providers, popts)
+        self._check_contract()
+        # Row selection runs on CUDA (or CPU), never TensorRT: it is one Gather per tensor.
+        gather_providers = [p for p in self.providers if p != "TensorrtExecutionProvider"] or ["CPUExecutionProvider"]
+        self.gather = s.create_session(self._gather_graph(), self.session_opts, gather_providers,
+                                       [{} if p == "CPUExecutionProvider" else {"device_id": self.device_id}
+                                        for p in gather_providers])
+        self.kv_dtype = np.float16 if export.precision == "float16" else np.float32
+        self.past_names = [i.name for i in self.session.get_inputs()][3:]
+        self.present_names = [o.name for o in self.session.get_outputs()][1:]
 
     def _close_impl(self) -> None:
-        self.session = self.gather = None
+        self.session = self.gather = self.gqa_session = None
         self.past = None
 
-    def _resolve_export(self):
-        """The export to run: options.onnx_path, model.source if it is one, else export into the cache."""
+    def paged_unsupported_reason(self) -> str | None:
+        return self.paged_reason
+
+    def _given_export(self):
+        """The export named by options.onnx_path or model.source, or None when there is none to run."""
         from mini_engine.model.source import resolve_model
         from mini_engine_export.manifest import Manifest
 
@@ -136,21 +206,25 @@ class OrtRunner(Runner):
             if source.onnx_file is not None and source.onnx_file.resolve() != manifest.model_file.resolve():
                 manifest.data.setdefault("files", {})["model"] = source.onnx_file.name
             return manifest
-        return self._export_to_cache(source)
+        return None
 
-    def _export_to_cache(self, source):
+    def _export_to_cache(self, source, kv_cache: str):
         from mini_engine_export.manifest import export_request
         from mini_engine_export.onnx_export import DEFAULT_OPSET, export_onnx
+        from mini_engine_export.onnx_gqa import DEFAULT_OPSET as GQA_OPSET
 
         precision = "float16" if self.config.dtype == "float16" else "float32"
-        request = export_request(source, DEFAULT_OPSET, precision, self.options.optimize, "dynamo",
-                                 self.options.logits)
+        gqa = kv_cache == "gqa"
+        opset, optimize, logits = (GQA_OPSET, False, "last") if gqa else (DEFAULT_OPSET, self.options.optimize,
+                                                                          self.options.logits)
+        request = export_request(source, opset, precision, optimize, "gqa-builder" if gqa else "dynamo", logits,
+                                 kv_cache)
         key = hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()[:16]
         out = self.cache_root / "onnx" / key
         import click
 
-        result = export_onnx(source, out, opset=DEFAULT_OPSET, optimize=self.options.optimize,
-                             fp16=precision == "float16", validate=True, logits=self.options.logits,
+        result = export_onnx(source, out, opset=opset, optimize=optimize, fp16=precision == "float16",
+                             validate=True, logits=logits, kv_cache=kv_cache,
                              log=lambda line: click.echo(f"[onnx export] {line}", err=True))
         return result.manifest
 
@@ -165,7 +239,7 @@ class OrtRunner(Runner):
         if got_in != want_in or got_out != want_out or len(got_in) != 3 + 2 * n_layer:
             diff = next((f"{a} != {b}" for a, b in zip(got_in + got_out, want_in + want_out) if a != b),
                         f"{len(got_in)} inputs, {len(want_in)} in the manifest, {3 + 2 * n_layer} for {n_layer} layers")
-            raise ModelNotFound(f"the manifest in '{self.export.directory}' does not match {self.onnx_file.name} "
+            raise ModelNotFound(f"the manifest in '{self.export.directory}' does not match {self.export.model_file.name} "
                                 f"({diff}); re-export with `mini-engine export onnx --force`")
 
     def _gather_graph(self) -> bytes:
@@ -185,6 +259,7 @@ class OrtRunner(Runner):
     # ----- KV cache ----------------------------------------------------------
     def _allocate_kv_impl(self, num_slots: int, max_seq_len: int) -> None:
         # The cache grows inside the graph (present = past ++ new): nothing to reserve up front.
+        self._load_static()
         self.past, self.layout, self.cached_len = None, [], 0
 
     def _free_kv_impl(self) -> None:
@@ -248,7 +323,10 @@ class OrtRunner(Runner):
         if self.is_loaded:
             import onnxruntime
 
-            info.update(onnxruntime=onnxruntime.__version__, providers=self.session.get_providers(),
+            session = self.gqa_session or self.session
+            info.update(onnxruntime=onnxruntime.__version__, providers=session.get_providers(),
                         onnx=str(self.onnx_file), precision=self.precision, spinning=self.spinning,
-                        optimization=self.export.data.get("optimization"))
+                        kv_cache="gqa-v1 (continuous batching)" if self.gqa_export is not None else "concat-v1",
+                        static_export=str(self.export.model_file) if self.export is not None else "on first use",
+                        optimization=self.export.data.get("optimization") if self.export is not None else None)
         return info

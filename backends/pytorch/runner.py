@@ -142,7 +142,7 @@ class TorchRunner(Runner):
             return f"the torch backend's paged KV cache runs float32 only, not {self.config.dtype}"
         return None
 
-    def _allocate_kv_pool_impl(self, num_blocks: int, block_size: int) -> None:
+    def _allocate_kv_pool_impl(self, num_blocks: int, block_size: int, max_num_seqs: int) -> None:
         from . import paged_attention
 
         cfg = self.config.model.config

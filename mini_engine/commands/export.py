@@ -27,8 +27,12 @@ def command():
 @click.option("--logits", "logits", type=click.Choice(LOGITS_MODES), default="all", show_default=True,
               help="Logits output: every position [batch, seq, vocab], or the last one [batch, 1, vocab] "
                    "(less work at prefill; what generation reads; not for TensorRT).")
+@click.option("--kv-cache", "kv_cache", type=click.Choice(["concat", "gqa"]), default="concat", show_default=True,
+              help="KV-cache contract: concat (present = past ++ new; static batching, every backend) or gqa "
+                   "(GroupQueryAttention over caches written in place; continuous batching on onnxruntime CPU; "
+                   "float32, implies --logits last).")
 def onnx(config_path, overrides, model, backend, device, dtype, out, opset, optimize, fp16, validate, force,
-         exporter, logits):
+         exporter, logits, kv_cache):
     """Export the engine's GPT-2 forward with a KV cache to OUT/model.onnx."""
     from pathlib import Path
 
@@ -38,9 +42,13 @@ def onnx(config_path, overrides, model, backend, device, dtype, out, opset, opti
     cfg = build_config(config_path, overrides, model, backend, device, dtype)
     source = resolve_model(cfg.model.source)
     note_random(cfg.model.source)
+    if kv_cache == "gqa":
+        if opset is not None or exporter != "dynamo":
+            raise click.UsageError("--kv-cache gqa builds its own graph: --opset and --exporter do not apply")
+        logits = "last"
     result = export_onnx(source, Path(out), opset=opset or DEFAULT_OPSET, optimize=optimize, fp16=fp16,
                          validate=validate, force=force, exporter=exporter, logits=logits,
-                         log=lambda s: click.echo(s, err=True))
+                         log=lambda s: click.echo(s, err=True), kv_cache=kv_cache)
     click.echo(str(result.model_file))
 
 
