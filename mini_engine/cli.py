@@ -49,13 +49,13 @@ def backends(as_json):
     if as_json:
         click.echo(json.dumps([i.to_dict() for i in infos], indent=2))
         return
-    rows = [("name", "available", "devices", "version", "entry point / reason")]
+    rows = [("name", "available", "devices", "version", "batching", "entry point / reason")]
     for i in infos:
         rows.append((i.name, "yes" if i.available else "no", ",".join(i.devices) or "-", i.version or "-",
-                     i.entry_point if i.available else f"{i.entry_point}: {i.reason}"))
-    widths = [max(len(r[c]) for r in rows) for c in range(4)]
+                     i.batching, i.entry_point if i.available else f"{i.entry_point}: {i.reason}"))
+    widths = [max(len(r[c]) for r in rows) for c in range(5)]
     for r in rows:
-        click.echo("  ".join(r[c].ljust(widths[c]) for c in range(4)) + "  " + r[4])
+        click.echo("  ".join(r[c].ljust(widths[c]) for c in range(5)) + "  " + r[5])
 
 
 @cli.command()

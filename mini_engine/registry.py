@@ -22,6 +22,9 @@ class BackendInfo:
     reason: str | None
     devices: tuple[str, ...]
     version: str | None
+    # "continuous" when the runner implements the paged contract, else "static" (the engine
+    # then runs static batching over StepInput for it).
+    batching: str = "static"
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -67,5 +70,6 @@ def list_backends() -> list[BackendInfo]:
             infos.append(BackendInfo(name, ep.value, dist, False, str(e), (), None))
             continue
         infos.append(BackendInfo(name, ep.value, dist, avail.available, avail.reason,
-                                 tuple(avail.devices), avail.version))
+                                 tuple(avail.devices), avail.version,
+                                 f"continuous ({cls.kv_layout})" if cls.supports_paged else "static"))
     return infos

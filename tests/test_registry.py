@@ -33,14 +33,35 @@ class ToyRunner(Runner):
 '''
 
 
+PAGED_TOY_RUNNER = TOY_RUNNER + '''
+
+class PagedToyRunner(ToyRunner):
+    """The same toy with the paged contract too: the engine runs continuous batching for it."""
+
+    name = "pagedtoy"
+    supports_paged = True
+
+    def _allocate_kv_pool_impl(self, num_blocks, block_size, max_num_seqs):
+        self.steps = 0
+
+    def _execute_paged_impl(self, step):
+        self.steps += 1
+        last = step.input_ids[step.logits_indices]
+        logits = np.zeros((len(last), self.vocab), np.float32)
+        logits[np.arange(len(last)), (last + 1) % self.vocab] = 1.0
+        return logits
+'''
+
+
 def install_toy_plugin(root):
     """Lay out an installed distribution (package + .dist-info with entry_points.txt)."""
     (root / "toy_backend").mkdir()
-    (root / "toy_backend" / "__init__.py").write_text(TOY_RUNNER)
+    (root / "toy_backend" / "__init__.py").write_text(PAGED_TOY_RUNNER)
     info = root / "toy_backend-0.1.dist-info"
     info.mkdir()
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: toy-backend\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text("[mini_engine.backends]\ntoy = toy_backend:ToyRunner\n")
+    (info / "entry_points.txt").write_text("[mini_engine.backends]\ntoy = toy_backend:ToyRunner\n"
+                                           "pagedtoy = toy_backend:PagedToyRunner\n")
     return {"PYTHONPATH": str(root)}
 
 
@@ -77,6 +98,33 @@ def test_third_party_plugin_lists_and_runs(tmp_path):
     assert row["prompt_token_ids"] == [15496, 995]
     assert row["token_ids"] == [996, 997, 998]
     assert row["backend"] == "toy"
+
+
+def test_both_kinds_of_plugin_run(tmp_path):
+    """A plugin with only the static contract gets static batching; one with the paged contract
+    gets continuous batching; the listing and describe() say which."""
+    env = install_toy_plugin(tmp_path)
+    rows = {r["name"]: r for r in json.loads(run_cli("backends", "--json", env=env, check=True).stdout)}
+    assert rows["toy"]["batching"] == "static" and rows["pagedtoy"]["batching"] == "continuous (blocks)"
+    assert "continuous (blocks)" in run_cli("backends", env=env, check=True).stdout
+    code = textwrap.dedent("""
+        import json
+        from mini_engine import Engine
+        out = {}
+        for name in ("toy", "pagedtoy"):
+            with Engine(model="random:tiny", backend=name) as e:
+                c = e.generate(["Hello world", "A"], max_new_tokens=3, ignore_eos=True)
+                out[name] = {"tokens": [x.token_ids for x in c], "mode": e.describe()["generation"]["mode"],
+                             "reason": e.describe()["generation"].get("reason"),
+                             "paged_steps": getattr(e.runner, "steps", None)}
+        print(json.dumps(out))
+    """)
+    full_env = dict(__import__("os").environ) | env
+    out = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                                    env=full_env).stdout)
+    assert out["toy"]["tokens"] == out["pagedtoy"]["tokens"] == [[996, 997, 998], [33, 34, 35]]
+    assert out["toy"]["mode"] == "static batching" and "static step contract" in out["toy"]["reason"]
+    assert out["pagedtoy"]["mode"] == "continuous batching" and out["pagedtoy"]["paged_steps"] == 3
 
 
 def test_broken_plugin_is_reported_not_fatal(tmp_path):
