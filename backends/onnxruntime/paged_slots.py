@@ -10,16 +10,20 @@ until the scheduler reports it freed (PagedStep.freed_seq_ids); there is no pref
 How a step runs (measured choices, README "Continuous batching"):
 - the decode rows (one new token each) run as one call over the contiguous row range that
   holds them; rows in the range that are not in this call are idle (0 new tokens);
-- every prefill chunk runs as its own call on its own row. The graph pads every row of a call
-  to the longest chunk, so batching a 200-token chunk with decodes or with a 20-token chunk
-  would compute mostly padding, while one prompt alone is already large enough that its
-  linears are compute-bound.
+- prefill chunks run in calls of neighbouring rows whose padding stays small. The graph pads
+  every row of a call (idle rows in its range included) to the call's longest chunk, so a
+  200-token chunk beside decodes or a 20-token chunk would compute mostly padding; but one
+  short prompt per call streams all the weights for little work (16 prompts of 32 tokens:
+  567 ms in 16 calls against 287 ms in one).
 """
 from __future__ import annotations
 
 import numpy as np
 
 from mini_engine.errors import MiniEngineError
+
+# A prefill call may compute at most this much padding over its real tokens (plus a few rows' worth).
+PAD_RATIO, PAD_SLACK = 1.25, 64
 
 
 class PagedSlots:
@@ -85,8 +89,8 @@ class PagedSlots:
         decode = np.flatnonzero(n_new == 1)
         if decode.size:
             logits[decode] = self._run_rows(step, decode, slots)
-        for r in np.flatnonzero(n_new > 1):
-            logits[r] = self._run_rows(step, np.array([r]), slots)[0]
+        for group in prefill_groups(np.flatnonzero(n_new > 1), slots, n_new):
+            logits[group] = self._run_rows(step, group, slots)
         for r in range(step.num_rows):
             self.slot_len[slots[r]] += n_new[r]
         return logits[step.logits_rows]
@@ -114,3 +118,19 @@ class PagedSlots:
                  "total_sequence_length": np.array(self.capacity, np.int32), "query_lens": counts}
         out = run_step(self.gqa_session, self.kv, feeds, lo)
         return out[slots[rows] - lo]
+
+
+def prefill_groups(rows: np.ndarray, slots: np.ndarray, n_new: np.ndarray) -> list[np.ndarray]:
+    """Rows with chunks, grouped into calls over neighbouring cache rows with little padding."""
+    order = rows[np.argsort(slots[rows])]
+    groups: list[list[int]] = []
+    for r in order:
+        if groups:
+            g = groups[-1] + [r]
+            width = slots[g[-1]] - slots[g[0]] + 1
+            real = int(n_new[g].sum())
+            if width * int(n_new[g].max()) <= PAD_RATIO * real + PAD_SLACK:
+                groups[-1] = g
+                continue
+        groups.append([r])
+    return [np.array(g) for g in groups]
