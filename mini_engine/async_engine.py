@@ -56,6 +56,8 @@ class RequestStream:
     def _resolve(self, item: Any) -> None:
         """Future mode: only the end matters (the batcher-style callers of BatchedEngine)."""
         f = self._future
+        if f.done():
+            return  # cancelled by its caller (its request was aborted then)
         if isinstance(item, RequestOutput):
             if item.finished:
                 c = item.completion
@@ -133,6 +135,7 @@ class AsyncEngine:
         self._streams: dict[str, RequestStream] = {}
         self._ids = itertools.count()
         self._closed = False
+        self._lock = threading.Lock()  # submit's check-and-enqueue against close and the loop's death
         self.error: BaseException | None = None
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
@@ -146,18 +149,21 @@ class AsyncEngine:
         `future`, nothing is streamed and the future gets the Completion.
         """
         arrival = time.perf_counter()  # TTFT and queue time count from here
-        self._check_alive()
         engine = self.engine
         params = params or engine.sampling_params()
         ids = engine.encode_prompt(prompt, params) if isinstance(prompt, str) else engine.check_prompt_ids(prompt, params)
         engine.scheduler.check_fits(len(ids), params.max_new_tokens)
-        rid = request_id or f"async-{next(self._ids)}"
+        rid = request_id or f"async-{next(self._ids)}-{id(self):x}"
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             loop = None
         stream = RequestStream(rid, self, loop, future)
-        self._inbox.put(("add", rid, ids, params, prompt if isinstance(prompt, str) else None, stream, arrival))
+        with self._lock:
+            self._check_alive()
+            self._inbox.put(("add", rid, ids, params, prompt if isinstance(prompt, str) else None, stream, arrival))
+        if future is not None:
+            future.add_done_callback(lambda f: self.abort(rid) if f.cancelled() else None)
         self._wake.set()
         return stream
 
@@ -178,12 +184,18 @@ class AsyncEngine:
         return self.engine.stats() | {"in_flight": len(self._streams)}
 
     def close(self, timeout: float = 30.0) -> None:
-        """Stop the loop; requests still in flight end (their streams get an abort)."""
-        if self._closed:
-            return
-        self._closed = True
+        """Stop the loop; requests still in flight or queued end (their streams end, unfinished)."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
         self._wake.set()
         self._thread.join(timeout)
+
+    @property
+    def idle(self) -> bool:
+        """Nothing queued, in flight, or running."""
+        return self._inbox.empty() and not self._streams and not self.engine.has_unfinished_requests()
 
     def __enter__(self) -> "AsyncEngine":
         return self
@@ -215,16 +227,29 @@ class AsyncEngine:
                     if out.finished:
                         del self._streams[out.request_id]
         except BaseException as e:  # noqa: BLE001 - every waiting caller must hear about it
-            self.error = e
+            with self._lock:
+                self.error = e
             err = EngineDeadError(f"the engine loop stopped: {type(e).__name__}: {e}")
             for stream in self._streams.values():
                 stream._put(err)
             self._streams.clear()
+            self._fail_inbox(err)
             return
         for rid, stream in list(self._streams.items()):
             engine.abort_request(rid)
             stream._put(_END)
         self._streams.clear()
+        self._fail_inbox(_END)
+
+    def _fail_inbox(self, item: Any) -> None:
+        """Requests still queued when the loop ends: no submit can add more (the lock saw to that)."""
+        while True:
+            try:
+                msg = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if msg[0] == "add":
+                msg[5]._put(item)
 
     def _drain_inbox(self) -> None:
         while True:

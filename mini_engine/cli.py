@@ -84,6 +84,13 @@ def generate(config_path, overrides, model, backend, device, dtype, max_new_toke
     check_device(cfg)
     with Engine(config=cfg) as engine:
         note_random(cfg.model.source)  # after loading, so a bad input still gets exactly one error line
+        gen = engine.describe()["generation"]
+        if engine.continuous:
+            click.echo(f"note: continuous batching; {engine.kv_capacity}", err=True)
+            for line in engine.notes:
+                click.echo(f"note: {line}", err=True)
+        else:
+            click.echo(f"note: static batching ({gen['reason']})", err=True)
         params = engine.sampling_params(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                                         top_p=top_p, seed=seed, stop=list(stop) or None,
                                         truncate=truncate, ignore_eos=ignore_eos)

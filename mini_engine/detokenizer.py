@@ -11,10 +11,9 @@ from typing import Sequence
 
 
 class Detokenizer:
-    def __init__(self, tokenizer, stop: Sequence[str] = (), skip_ids: Sequence[int] = ()):
+    def __init__(self, tokenizer, stop: Sequence[str] = ()):
         self.tokenizer = tokenizer
         self.stop = list(stop)
-        self.skip = set(skip_ids)
         self.holdback = max((len(s) for s in self.stop), default=1) - 1
         self.pending: list[int] = []  # ids after the last complete character
         self.text = ""  # everything decoded so far (complete characters only)
@@ -23,8 +22,8 @@ class Detokenizer:
 
     def push(self, token: int) -> bool:
         """Add a generated token; True when a stop string has appeared (the text is cut before it)."""
-        if token in self.skip or self.stopped_at is not None:
-            return self.stopped_at is not None
+        if self.stopped_at is not None:
+            return True
         self.pending.append(token)
         # Byte-level BPE decodes by concatenating bytes, so once a piece ends on a character
         # boundary the text so far never changes: decode only what came after it.
@@ -41,6 +40,12 @@ class Detokenizer:
                 self.text = text[:self.stopped_at]
                 return True
         return False
+
+    def flush(self) -> None:
+        """The generation ended: bytes of an unfinished character become U+FFFD, as decode() gives them."""
+        if self.pending and self.stopped_at is None:
+            self.text += self.tokenizer.decode(self.pending)
+            self.pending = []
 
     def delta(self, final: bool = False) -> str:
         """Text not handed out yet; while not `final`, minus what could begin a stop string."""

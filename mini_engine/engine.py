@@ -65,6 +65,7 @@ class Engine:
                 self.runner.close()
                 raise
         self._ids = itertools.count()
+        self._foreign: list[RequestOutput] = []  # outputs generate() stepped for other requests
 
     def _init_scheduler(self) -> None:
         sc: SchedulerConfig = self.config.scheduler
@@ -87,6 +88,7 @@ class Engine:
         self.runner.allocate_kv_pool(blocks, sc.block_size, sc.max_num_seqs)
         self.scheduler = Scheduler(sc, BlockManager(blocks, sc.block_size, sc.enable_prefix_caching), window)
         tokens = blocks * sc.block_size
+        self.max_rows = sc.max_num_seqs  # a "slots" runner has this many cache rows, for good
         if self.runner.kv_layout == "slots":
             rows = sc.max_num_seqs * window
             self.kv_capacity = (f"KV cache: {sc.max_num_seqs} rows x {window} tokens ({rows * per_token / 2**20:.0f} "
@@ -94,6 +96,14 @@ class Engine:
         else:
             self.kv_capacity = (f"KV cache: {blocks} blocks x {sc.block_size} tokens = {tokens} tokens "
                                 f"({tokens * per_token / 2**20:.0f} MiB, {tokens / window:.1f} full context windows)")
+
+    def set_max_num_seqs(self, n: int) -> int:
+        """Change max_num_seqs of a running engine; capped where the runner keeps a row per sequence."""
+        sc = self._require_scheduler().config
+        if self.runner.kv_layout == "slots":
+            n = min(n, self.max_rows)
+        self.scheduler.config = dataclasses.replace(sc, max_num_seqs=n)
+        return n
 
     @property
     def continuous(self) -> bool:
@@ -178,7 +188,9 @@ class Engine:
         try:
             while len(done) < len(ids):
                 for out in self.step():
-                    if out.finished and out.request_id in mine:
+                    if out.request_id not in mine:
+                        self._foreign.append(out)  # another caller's: its next step() returns it
+                    elif out.finished:
                         done[out.request_id] = out.completion
         except BaseException:
             for rid in ids:
@@ -196,8 +208,14 @@ class Engine:
             text, ids = prompt, self.encode_prompt(prompt, params)
         else:
             text, ids = None, self.check_prompt_ids(prompt, params)
-        rid = f"req-{next(self._ids)}" if request_id is None else str(request_id)
-        req = Request(rid, ids, params, prompt=text, arrival_s=arrival_s or time.perf_counter())
+        if request_id is None:
+            rid = f"req-{next(self._ids)}"
+            while rid in sched.requests:  # a caller may have named one of its requests like that
+                rid = f"req-{next(self._ids)}"
+        else:
+            rid = str(request_id)
+        req = Request(rid, ids, params, prompt=text,
+                      arrival_s=time.perf_counter() if arrival_s is None else arrival_s)
         if not params.greedy:
             req.generator = np.random.default_rng(params.seed)
         req.state = Detokenizer(self.tokenizer, params.stop)
@@ -214,17 +232,22 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         """One scheduling round: schedule -> run -> postprocess. Returns what each request got."""
         sched = self._require_scheduler()
+        earlier, self._foreign = self._foreign, []
         plan = sched.schedule()
         if plan.is_empty:
-            return []
+            return earlier
         t = time.perf_counter()
-        logits = self.runner.execute_paged(plan.to_step())
+        try:
+            logits = self.runner.execute_paged(plan.to_step())
+        except BaseException:
+            sched.restore_freed(plan.freed)  # the runner has not seen them
+            raise
         self.runner_s += time.perf_counter() - t
         self.num_steps += 1
         self.peak_kv_usage = max(self.peak_kv_usage, sched.block_manager.usage)
         self.rows_stepped += len(plan.seqs)
         sched.update_from_output(plan)
-        return self._postprocess_step([s.request for s in plan.seqs if s.needs_logits], logits)
+        return earlier + self._postprocess_step([s.request for s in plan.seqs if s.needs_logits], logits)
 
     def _postprocess_step(self, reqs: list[Request], logits: np.ndarray) -> list[RequestOutput]:
         tokens = sample_rows(logits, [r.params for r in reqs], [r.generator for r in reqs])
@@ -251,6 +274,7 @@ class Engine:
                 outputs.append(RequestOutput(req.request_id, [token], detok.delta()))
                 continue
             req.finish_s = now
+            detok.flush()
             self.scheduler.finish_request(req, reason)
             outputs.append(RequestOutput(req.request_id, [token], detok.delta(final=True), True, reason,
                                          self._request_completion(req)))

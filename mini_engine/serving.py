@@ -37,10 +37,11 @@ class BatchedEngine:
                  params: SamplingParams | None = None, top_k: int = 5):
         if mode not in MODES:
             raise ConfigError(f"mode must be one of {', '.join(MODES)}, got '{mode}'")
+        self._restore_seqs = None
         if batching is not None and mode == "generate" and engine.continuous:
-            # A benchmark's batch size is continuous batching's max_num_seqs.
-            sc = engine.scheduler.config
-            engine.scheduler.config = dataclasses.replace(sc, max_num_seqs=batching.max_batch_size)
+            # A benchmark's batch size is continuous batching's max_num_seqs (while this front is open).
+            self._restore_seqs = engine.scheduler.config.max_num_seqs
+            engine.set_max_num_seqs(batching.max_batch_size)
         batching = batching or engine.config.batching
         if mode == "naive" and batching.max_batch_size != 1:
             batching = dataclasses.replace(batching, max_batch_size=1, preferred_batch_sizes=[])
@@ -73,6 +74,8 @@ class BatchedEngine:
         """
         if self.front is not None:
             params = self.params if max_new_tokens is None else dataclasses.replace(self.params, max_new_tokens=max_new_tokens)
+            if params.seed is not None:  # as static batching seeds its rows: seed + request index
+                params = dataclasses.replace(params, seed=params.seed + next(self._ids))
             future = RequestFuture()
             future.ttft_from_submit = True
             self.front.submit(prompt, params, future=future)
@@ -103,9 +106,11 @@ class BatchedEngine:
     def close(self, drain: bool = True) -> None:
         if self.front is not None:
             if drain:
-                while self.engine.has_unfinished_requests() and self.front.is_alive:
+                while not self.front.idle and self.front.is_alive:
                     time.sleep(0.005)
             self.front.close()
+            if self._restore_seqs is not None:
+                self.engine.set_max_num_seqs(self._restore_seqs)
             return
         self.batcher.close(drain)
 

@@ -97,3 +97,44 @@ def test_bad_prompt_fails_in_the_caller(engine):
             front.submit([-1, 3])
         with pytest.raises(PromptTooLong):
             front.submit(list(range(200)), SamplingParams(max_new_tokens=4))
+
+
+def test_close_ends_streams_still_in_the_inbox(engine):
+    from mini_engine.async_engine import AsyncEngine
+
+    front = AsyncEngine(engine)
+    streams = [front.submit([1, 2, 3], SamplingParams(max_new_tokens=50, ignore_eos=True)) for _ in range(4)]
+    front.close()
+    done = threading.Event()
+
+    def drain():
+        for s in streams:
+            list(s)  # ends (unfinished) instead of blocking forever
+        done.set()
+
+    threading.Thread(target=drain, daemon=True).start()
+    assert done.wait(10)
+    assert not engine.has_unfinished_requests()
+    with pytest.raises(Exception, match="closed"):
+        front.submit([1, 2])
+
+
+def test_a_cancelled_future_aborts_its_request_and_the_loop_goes_on(engine):
+    from mini_engine.serving import BatchedEngine
+
+    params = engine.sampling_params(max_new_tokens=30, ignore_eos=True)
+    with BatchedEngine(engine, "generate", params=params) as server:
+        doomed = server.submit([7, 8, 9])
+        doomed.cancel()
+        ok = server.submit([4, 5, 6]).result(60)
+        assert len(ok.token_ids) == 30 and server.front.is_alive
+
+
+def test_generate_keeps_other_requests_outputs(engine):
+    engine.add_request("mine", [11, 12, 13], SamplingParams(max_new_tokens=6, ignore_eos=True))
+    engine.generate("Hello", max_new_tokens=12, ignore_eos=True)
+    outs = []
+    while engine.has_unfinished_requests() or not outs:
+        outs += engine.step()
+    got = [o for o in outs if o.request_id == "mine"]
+    assert sum(len(o.new_token_ids) for o in got) == 6 and got[-1].finished

@@ -221,3 +221,20 @@ def test_cuda_io_binding_greedy_equals_torch(hf_dir, hf_export):
         assert engine.runner.describe()["providers"][0] == "CUDAExecutionProvider"
         assert engine.runner.past[0].device_name() == "cuda"  # the cache stayed on the device
     assert [c.token_ids for c in got] == [c.token_ids for c in ref]
+
+
+def test_prefill_groups_keep_padding_small_and_every_row_within_capacity():
+    import numpy as np
+
+    from mini_engine_backends.onnxruntime.paged_slots import prefill_groups
+
+    slots = np.array([0, 1, 2, 3])
+    n_new = np.array([80, 80, 80, 200])
+    slot_len = np.zeros(8, np.int64)
+    groups = [g.tolist() for g in prefill_groups(np.array([0, 1, 2, 3]), slots, n_new, slot_len, 1024)]
+    assert groups == [[0, 1, 2], [3]]  # 200 beside three 80s would be mostly padding
+    # A row in the range (decoding at 960 cached tokens) cannot take an 80-token padded chunk.
+    slots = np.array([0, 2])
+    slot_len[1] = 960
+    groups = [g.tolist() for g in prefill_groups(np.array([0, 1]), slots, np.array([80, 80]), slot_len, 1024)]
+    assert groups == [[0], [1]]

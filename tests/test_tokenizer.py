@@ -31,3 +31,29 @@ def test_checkpoint_without_tokenizer_falls_back_to_gpt2(tmp_path):
         if "token" in f.name or f.name in ("vocab.json", "merges.txt", "special_tokens_map.json"):
             f.unlink()
     assert load_tokenizer(resolve_model(str(tmp_path))).encode("Hello world") == [15496, 995]
+
+
+def test_detokenizer_streams_whole_characters_and_holds_back_stop_prefixes():
+    from mini_engine.detokenizer import Detokenizer
+    from mini_engine.tokenizer import gpt2_tokenizer
+
+    tok = gpt2_tokenizer()
+    text = "héllo 世界 wörld STOP more"
+    ids = tok.encode(text)
+    d = Detokenizer(tok, stop=["STOP"])
+    pieces = []
+    for i in ids:
+        stopped = d.push(i)
+        pieces.append(d.delta())
+        assert "\ufffd" not in pieces[-1]
+        if stopped:
+            break
+    pieces.append(d.delta(final=True))
+    assert "".join(pieces) == "héllo 世界 wörld " == d.text
+    # A generation that ends inside a character keeps its bytes, as decode() shows them.
+    cut = tok.encode("世")[:1]
+    d = Detokenizer(tok)
+    d.push(cut[0])
+    assert d.delta() == ""
+    d.flush()
+    assert d.delta(final=True) == tok.decode(cut)

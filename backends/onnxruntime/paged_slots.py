@@ -89,10 +89,8 @@ class PagedSlots:
         decode = np.flatnonzero(n_new == 1)
         if decode.size:
             logits[decode] = self._run_rows(step, decode, slots)
-        for group in prefill_groups(np.flatnonzero(n_new > 1), slots, n_new):
+        for group in prefill_groups(np.flatnonzero(n_new > 1), slots, n_new, self.slot_len, self.capacity):
             logits[group] = self._run_rows(step, group, slots)
-        for r in range(step.num_rows):
-            self.slot_len[slots[r]] += n_new[r]
         return logits[step.logits_rows]
 
     def _run_rows(self, step, rows: np.ndarray, slots: np.ndarray) -> np.ndarray:
@@ -117,19 +115,28 @@ class PagedSlots:
         feeds = {"input_ids": ids, "position_ids": pos, "seqlens_k": seqlens,
                  "total_sequence_length": np.array(self.capacity, np.int32), "query_lens": counts}
         out = run_step(self.gqa_session, self.kv, feeds, lo)
+        self.slot_len[slots[rows]] = past[slots[rows] - lo] + counts[slots[rows] - lo]  # the next call's ranges see it
         return out[slots[rows] - lo]
 
 
-def prefill_groups(rows: np.ndarray, slots: np.ndarray, n_new: np.ndarray) -> list[np.ndarray]:
-    """Rows with chunks, grouped into calls over neighbouring cache rows with little padding."""
+def prefill_groups(rows: np.ndarray, slots: np.ndarray, n_new: np.ndarray, slot_len: np.ndarray,
+                   capacity: int) -> list[np.ndarray]:
+    """Rows with chunks, grouped into calls over neighbouring cache rows with little padding.
+
+    The graph pads every row of a call's range to the longest chunk, idle rows included, and
+    refuses a row whose cached length plus that padded chunk exceeds the capacity: a group
+    grows only while every row of its range stays within it.
+    """
     order = rows[np.argsort(slots[rows])]
     groups: list[list[int]] = []
     for r in order:
         if groups:
             g = groups[-1] + [r]
-            width = slots[g[-1]] - slots[g[0]] + 1
+            lo, hi = slots[g[0]], slots[g[-1]] + 1
+            seq = int(n_new[g].max())
             real = int(n_new[g].sum())
-            if width * int(n_new[g].max()) <= PAD_RATIO * real + PAD_SLACK:
+            fits = int(slot_len[lo:hi].max()) + seq <= capacity  # slot_len: cached lengths before the step
+            if fits and (hi - lo) * seq <= PAD_RATIO * real + PAD_SLACK:
                 groups[-1] = g
                 continue
         groups.append([r])

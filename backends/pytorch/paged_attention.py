@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 
 import numba
 import numpy as np
@@ -107,13 +108,21 @@ class PagedKV:
     def attend_np(self, layer: int, q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
         write_kv(k, v, self.keys[layer], self.values[layer], self.slots)
         out = np.empty_like(q)
-        paged_attention(q, self.keys[layer], self.values[layer], self.tables, self.query_start,
-                        self.context_lens, self.scale, out)
+        with _LAUNCH:
+            paged_attention(q, self.keys[layer], self.values[layer], self.tables, self.query_start,
+                            self.context_lens, self.scale, out)
         return out
 
 
+# The workqueue layer aborts the process when two threads launch kernels at once (two engines in
+# two threads): launches take turns.
+_LAUNCH = threading.Lock()
+
+
 def set_threads(n: int) -> int:
-    """Run the kernel on `n` threads (0 = numba's default, one per core); returns the count used."""
-    n = n or numba.config.NUMBA_NUM_THREADS
-    numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
-    return numba.get_num_threads()
+    """Run the kernel on `n` threads in the calling thread (numba's setting is per thread; 0 = one
+    per core); returns the count used."""
+    n = min(n or numba.config.NUMBA_NUM_THREADS, numba.config.NUMBA_NUM_THREADS)
+    if numba.get_num_threads() != n:
+        numba.set_num_threads(n)
+    return n

@@ -147,18 +147,21 @@ class TorchRunner(Runner):
 
         cfg = self.config.model.config
         shape = (num_blocks, cfg.n_head, block_size, cfg.head_dim)
-        # numpy views of torch-owned memory: the kernel reads them in place.
-        self.pool_keys = [self.torch.zeros(shape).numpy() for _ in range(cfg.n_layer)]
-        self.pool_values = [self.torch.zeros(shape).numpy() for _ in range(cfg.n_layer)]
-        self.kernel_threads = paged_attention.set_threads(self.options.threads or self.torch.get_num_threads())
+        # np.zeros maps pages on first write (the kernel reads only written slots), so resident
+        # memory grows with the blocks in use, not with the pool's size.
+        self.pool_keys = [np.zeros(shape, np.float32) for _ in range(cfg.n_layer)]
+        self.pool_values = [np.zeros(shape, np.float32) for _ in range(cfg.n_layer)]
+        self.kernel_threads = self.options.threads or self.torch.get_num_threads()
+        paged_attention.set_threads(self.kernel_threads)
 
     def _free_kv_pool_impl(self) -> None:
         self.pool_keys = self.pool_values = []
 
     def _execute_paged_impl(self, step) -> np.ndarray:
-        from .paged_attention import PagedKV
+        from .paged_attention import PagedKV, set_threads
 
         torch = self.torch
+        set_threads(self.kernel_threads)  # numba's thread count is per thread: the engine loop's may differ
         cfg = self.config.model.config
         kv = PagedKV(self.pool_keys, self.pool_values, step, cfg.n_head, cfg.head_dim)
         if self.row_step is not None and step.num_tokens == 1:

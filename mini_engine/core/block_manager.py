@@ -1,8 +1,9 @@
 """Fixed-size KV blocks: a free list, reference counts, block tables, and a prefix cache.
 
 The prefix cache keys a *full* block by a hash of its token ids chained with its parent
-block's hash, so a hit means the whole prefix up to and including the block matches (the
-token ids are compared on a hit too: a hash collision is a miss, not wrong attention).
+block's hash, so a hit means the whole prefix up to and including the block matches. A hit
+also compares the block's own token ids, so a collision on them is a miss, not wrong
+attention; the parents are trusted to the 64-bit chain, as vLLM does.
 Blocks keep their cached contents after their sequence finishes and sit in the free queue
 in least-recently-used order; they are evicted only when a fresh block is needed. Blocks
 that hold nothing reusable go to the front of the queue so they are handed out first.
@@ -106,7 +107,8 @@ class BlockManager:
         req.block_ids = list(hits)
         req.num_hashed_blocks = len(hits)
         req.num_computed = len(hits) * self.block_size
-        if self.enable_prefix_caching:
+        if self.enable_prefix_caching and not req.num_preemptions:
+            # A recomputed request hitting its own earlier blocks is not a prompt served from the cache.
             self.prefix_queries += req.num_tokens
             self.prefix_hits += req.num_computed
         self._grow(req, num_tokens)

@@ -43,10 +43,6 @@ class SchedulerOutput:
     def is_empty(self) -> bool:
         return not self.seqs
 
-    @property
-    def num_prefill_tokens(self) -> int:
-        return sum(s.num_new for s in self.seqs if not s.needs_logits or s.num_new > 1)
-
     def to_step(self) -> "PagedStep":
         seqs, bs = self.seqs, self.block_size
         n = self.num_tokens

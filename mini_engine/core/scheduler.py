@@ -88,6 +88,9 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             req = self.running[i]
             n = min(req.num_tokens - req.num_computed, budget)
+            if n < 1:
+                raise MiniEngineError(f"internal: running request {req.request_id} has no token to compute "
+                                      f"(its last step was not postprocessed)")
             while not bm.can_append(req, n):
                 victim = self.running.pop()
                 self._preempt(victim)
@@ -126,6 +129,10 @@ class Scheduler:
         if out.seqs:  # a plan that does not run would lose them
             out.freed, self._freed = self._freed, []
         return out
+
+    def restore_freed(self, ids: list[str]) -> None:
+        """A plan did not run: the runner has still to hear about the requests it named as freed."""
+        self._freed[:0] = ids
 
     def _preempt(self, req: Request) -> None:
         self.block_manager.free(req)
