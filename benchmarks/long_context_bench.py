@@ -107,7 +107,7 @@ def worker(args) -> list[dict]:
             if path == "paged":
                 bs = 16
                 per_row = -(-(max(contexts) + 1) // bs)
-                runner.allocate_kv_pool(b * per_row, bs)
+                runner.allocate_kv_pool(b * per_row, bs, b)
             for ctx in contexts:
                 ids = rng.integers(0, 50000, b).astype(np.int64)
                 if path == "paged":
@@ -115,8 +115,20 @@ def worker(args) -> list[dict]:
                     pos = np.full(b, ctx, np.int64)
                     slots = tables[np.arange(b), ctx // bs].astype(np.int64) * bs + ctx % bs
                     step = PagedStep(ids, pos, np.arange(b + 1, dtype=np.int64), np.full(b, ctx, np.int64),
-                                     tables, slots, np.arange(b, dtype=np.int64), bs)
-                    ms = timed(lambda: runner.execute_paged(step))
+                                     tables, slots, np.arange(b, dtype=np.int64), bs, [f"s{i}" for i in range(b)])
+                    if runner.kv_layout == "slots":
+                        # A row per sequence: pretend each row already holds `ctx` tokens and keep the
+                        # step from advancing them, so every timed step sees the same context.
+                        for i in range(b):
+                            runner.slot_of[f"s{i}"] = i
+                        runner.free_slots = [s for s in runner.free_slots if s >= b]
+
+                        def run_slots():
+                            runner.slot_len[:b] = ctx
+                            return runner.execute_paged(step)
+                        ms = timed(run_slots)
+                    else:
+                        ms = timed(lambda: runner.execute_paged(step))
                 else:
                     runner.allocate_kv(b, ctx + 1)
                     step = StepInput(ids[:, None], np.full((b, 1), ctx, np.int64), np.ones((b, ctx + 1), np.int64),

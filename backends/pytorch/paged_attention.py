@@ -2,11 +2,17 @@
 
 Why a kernel: gathering a row's blocks into a contiguous tensor for torch's matmul copies
 its whole context every step (read + write + read again), which at context 1000 costs more
-than the decode step's weights. The kernel reads every cached K and V once, in place, at
-the memory bandwidth of a contiguous matmul (measured: 16 rows x 1000 tokens x 12 layers,
-1.2 GB of cache, in ~40 ms vs ~30 ms for torch over contiguous buffers; at short contexts
-it is faster than torch). One task per (query token, head), so decodes, prefill chunks and
-mixed steps run in the same call: a query at position p sees its row's keys 0..p.
+than the decode step's weights. The kernel reads every cached K and V once, in place. One task
+per (query token, head), so decodes, prefill chunks and mixed steps run in the same call: a
+query at position p sees its row's keys 0..p.
+
+Threads: the tasks are split in shares of equal keys read over plain Python threads running
+the nogil kernel. numba's own layers measured worse here: its OpenMP layer loads a second
+OpenMP runtime beside torch's (batch-1 decode fell from ~40-60 to 4.8 tok/s), and its
+workqueue layer ran 16 rows x 1000 tokens x 12 layers in ~95-119 ms against ~72 ms for two
+plain threads and ~49 ms for its OpenMP layer alone. Inside a step the kernel still competes
+with torch's OpenMP workers, which spin on the same cores after each torch op: with
+OMP_WAIT_POLICY=PASSIVE that step took ~100 ms instead of ~190 ms (benchmarks/long_context_bench.py).
 
 Pool layout per layer: [num_blocks, n_head, block_size, head_dim], so one head's slice of a
 block is contiguous. Float32 only.
@@ -14,18 +20,9 @@ block is contiguous. Float32 only.
 from __future__ import annotations
 
 import math
-import os
-import threading
 
-import numba
 import numpy as np
-from numba import njit, prange
-
-# numba's OpenMP layer loads a second OpenMP runtime beside torch's; both spin on the same two
-# cores and a batch-1 decode step ran ~10x slower (4.8 vs 39-66 tok/s, measured). The
-# workqueue layer's threads sleep between kernels. One engine thread launches the kernels.
-if "NUMBA_THREADING_LAYER" not in os.environ:
-    numba.config.THREADING_LAYER = "workqueue"
+from numba import njit
 
 
 @njit(cache=True)
@@ -38,20 +35,17 @@ def write_kv(k, v, kpool, vpool, slots):
         vpool[blk, :, off, :] = v[i]
 
 
-@njit(parallel=True, fastmath=True, cache=True)
-def paged_attention(q, kpool, vpool, block_tables, query_start, context_lens, scale, out):
-    """out[i, h] = softmax(q[i, h] . K[:p+1]) V[:p+1] over the blocks of token i's row."""
+@njit(nogil=True, fastmath=True, cache=True)
+def attention_tasks(q, kpool, vpool, block_tables, rows, query_start, context_lens, scale, out, lo, hi):
+    """out[i, h] = softmax(q[i, h] . K[:p+1]) V[:p+1] over the blocks of token i's row, for the
+    (token, head) tasks lo..hi-1 (task = token * n_head + head); `rows[i]` is token i's row."""
     n_tok, n_head, dim = q.shape
     bs = kpool.shape[2]
-    rows = np.empty(n_tok, np.int64)
-    for r in range(block_tables.shape[0]):
-        for i in range(query_start[r], query_start[r + 1]):
-            rows[i] = r
-    for task in prange(n_tok * n_head):
+    for task in range(lo, hi):
         i = task // n_head
         h = task - i * n_head
         r = rows[i]
-        n = context_lens[r] + (i - query_start[r]) + 1  # causal: keys up to this token
+        n = context_lens[r] + (i - query_start[r]) + 1
         scores = np.empty(n, np.float32)
         qv = q[i, h]
         best = np.float32(-3.0e38)
@@ -86,11 +80,48 @@ def paged_attention(q, kpool, vpool, block_tables, query_start, context_lens, sc
             out[i, h, d] = acc[d] * inv
 
 
+def paged_attention(q, kpool, vpool, block_tables, query_start, context_lens, scale, out, threads: int = 1) -> None:
+    """Every (token, head) task, split in `threads` shares of about equal keys to read."""
+    n_tok, n_head, _ = q.shape
+    per_row = np.diff(query_start)
+    rows = np.repeat(np.arange(len(context_lens)), per_row)
+    tasks = n_tok * n_head
+    # Keys read per task: the row's context plus the token's offset in its chunk, plus itself.
+    keys = np.repeat(np.repeat(context_lens, per_row) + (np.arange(n_tok) - np.repeat(query_start[:-1], per_row)) + 1,
+                     n_head)
+    total = int(keys.sum())
+    if threads < 2 or total < MIN_SPLIT_KEYS:
+        attention_tasks(q, kpool, vpool, block_tables, rows, query_start, context_lens, scale, out, 0, tasks)
+        return
+    bounds = np.searchsorted(np.cumsum(keys), [total * k // threads for k in range(1, threads)]) + 1
+    edges = [0, *[int(b) for b in bounds], tasks]
+    futures = [_pool(threads).submit(attention_tasks, q, kpool, vpool, block_tables, rows, query_start, context_lens,
+                                     scale, out, edges[k], edges[k + 1]) for k in range(1, threads)]
+    attention_tasks(q, kpool, vpool, block_tables, rows, query_start, context_lens, scale, out, edges[0], edges[1])
+    for f in futures:
+        f.result()
+
+
+# Below this many keys read, splitting costs more (a thread hand-off) than it saves.
+MIN_SPLIT_KEYS = 20_000
+_POOLS: dict = {}
+
+
+def _pool(threads: int):
+    from concurrent.futures import ThreadPoolExecutor
+
+    if threads not in _POOLS:
+        _POOLS[threads] = ThreadPoolExecutor(threads - 1, thread_name_prefix="paged-attention")
+    return _POOLS[threads]
+
+
 class PagedKV:
     """The KV cache argument of `GPT2.paged_step`: one step's view of the block pool."""
 
-    def __init__(self, keys: list[np.ndarray], values: list[np.ndarray], step, n_head: int, head_dim: int):
+    def __init__(self, keys: list[np.ndarray], values: list[np.ndarray], step, n_head: int, head_dim: int,
+                 threads: int = 1):
         self.keys, self.values = keys, values
+        self.threads = threads
         self.n_head, self.head_dim = n_head, head_dim
         self.scale = np.float32(1.0 / math.sqrt(head_dim))
         self.slots = step.slot_mapping
@@ -108,21 +139,6 @@ class PagedKV:
     def attend_np(self, layer: int, q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
         write_kv(k, v, self.keys[layer], self.values[layer], self.slots)
         out = np.empty_like(q)
-        with _LAUNCH:
-            paged_attention(q, self.keys[layer], self.values[layer], self.tables, self.query_start,
-                            self.context_lens, self.scale, out)
+        paged_attention(q, self.keys[layer], self.values[layer], self.tables, self.query_start,
+                        self.context_lens, self.scale, out, self.threads)
         return out
-
-
-# The workqueue layer aborts the process when two threads launch kernels at once (two engines in
-# two threads): launches take turns.
-_LAUNCH = threading.Lock()
-
-
-def set_threads(n: int) -> int:
-    """Run the kernel on `n` threads in the calling thread (numba's setting is per thread; 0 = one
-    per core); returns the count used."""
-    n = min(n or numba.config.NUMBA_NUM_THREADS, numba.config.NUMBA_NUM_THREADS)
-    if numba.get_num_threads() != n:
-        numba.set_num_threads(n)
-    return n

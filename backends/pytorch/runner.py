@@ -143,8 +143,6 @@ class TorchRunner(Runner):
         return None
 
     def _allocate_kv_pool_impl(self, num_blocks: int, block_size: int, max_num_seqs: int) -> None:
-        from . import paged_attention
-
         cfg = self.config.model.config
         shape = (num_blocks, cfg.n_head, block_size, cfg.head_dim)
         # np.zeros maps pages on first write (the kernel reads only written slots), so resident
@@ -152,18 +150,16 @@ class TorchRunner(Runner):
         self.pool_keys = [np.zeros(shape, np.float32) for _ in range(cfg.n_layer)]
         self.pool_values = [np.zeros(shape, np.float32) for _ in range(cfg.n_layer)]
         self.kernel_threads = self.options.threads or self.torch.get_num_threads()
-        paged_attention.set_threads(self.kernel_threads)
 
     def _free_kv_pool_impl(self) -> None:
         self.pool_keys = self.pool_values = []
 
     def _execute_paged_impl(self, step) -> np.ndarray:
-        from .paged_attention import PagedKV, set_threads
+        from .paged_attention import PagedKV
 
         torch = self.torch
-        set_threads(self.kernel_threads)  # numba's thread count is per thread: the engine loop's may differ
         cfg = self.config.model.config
-        kv = PagedKV(self.pool_keys, self.pool_values, step, cfg.n_head, cfg.head_dim)
+        kv = PagedKV(self.pool_keys, self.pool_values, step, cfg.n_head, cfg.head_dim, self.kernel_threads)
         if self.row_step is not None and step.num_tokens == 1:
             logits = self.row_step.paged(int(step.input_ids[0]), int(step.position_ids[0]), kv)[None]
             return logits[:len(step.logits_rows)]  # a one-token prefill chunk that is not the prompt's end
