@@ -44,6 +44,7 @@ def ints(text: str, name: str) -> list[int]:
 
 
 def worker(args) -> list[dict]:
+    import mini_engine  # noqa: F401 - first: it sets OpenBLAS's thread timeout before numpy loads OpenBLAS
     import numpy as np
 
     from mini_engine import Engine

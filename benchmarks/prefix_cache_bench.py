@@ -39,6 +39,7 @@ def parse_args(argv=None):
 
 
 def worker(args) -> dict:
+    import mini_engine  # noqa: F401 - first: it sets OpenBLAS's thread timeout before numpy loads OpenBLAS
     import numpy as np
 
     from mini_engine import Engine
