@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from long_context_bench import copy_bandwidth_gbps, cpu_model  # noqa: E402
+from bench_common import command_line, copy_bandwidth_gbps, cpu_model, run_worker, write_report  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -117,25 +116,14 @@ def main(argv=None) -> int:
         return 0
     rows = []
     for target in args.targets.split(","):
-        cmd = [sys.executable, __file__, "--worker", target, "--model", args.model, "--prompt-lens", args.prompt_lens,
-               "--batch-sizes", args.batch_sizes, "--max-tokens", args.max_tokens,
-               "--naive-requests", str(args.naive_requests)]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            rows.append({"target": target, "reason": (proc.stderr.strip().splitlines() or ["failed"])[-1]})
-            continue
-        rows += json.loads(proc.stdout.strip().splitlines()[-1])
-    rep = {"command": " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]), "model": args.model,
-           "cpu": cpu_model(), "copy_gbps": copy_bandwidth_gbps(), "rows": rows}
-    text = markdown(rep)
-    if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.with_suffix(".json").write_text(json.dumps(rep, indent=2) + "\n")
-        out.with_suffix(".md").write_text(text)
-    print(text)
+        got, reason = run_worker(__file__, target, ["--model", args.model, "--prompt-lens", args.prompt_lens,
+                                                    "--batch-sizes", args.batch_sizes, "--max-tokens", args.max_tokens,
+                                                    "--naive-requests", str(args.naive_requests)])
+        rows += got if reason is None else [{"target": target, "reason": reason}]
+    rep = {"command": command_line(), "model": args.model, "cpu": cpu_model(), "copy_gbps": copy_bandwidth_gbps(),
+           "rows": rows}
+    write_report(args.out, rep, markdown(rep))
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

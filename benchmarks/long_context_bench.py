@@ -25,12 +25,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_common import command_line, copy_bandwidth_gbps, cpu_model, run_worker, write_report  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -44,30 +45,6 @@ def parse_args(argv=None):
     p.add_argument("--out", default=None, help="write OUT.json and OUT.md")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
-
-
-def cpu_model() -> str:
-    try:
-        for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
-            if line.startswith("Model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def copy_bandwidth_gbps() -> float:
-    import mini_engine  # noqa: F401
-    import numpy as np
-
-    a = np.ones(64 * 2**20 // 4, np.float32)
-    b = np.empty_like(a)
-    best = 1e9
-    for _ in range(5):
-        t = time.perf_counter()
-        np.copyto(b, a)
-        best = min(best, time.perf_counter() - t)
-    return round(2 * a.nbytes / best / 1e9, 1)
 
 
 def worker(args) -> list[dict]:
@@ -200,28 +177,16 @@ def main(argv=None) -> int:
         return 0
     rows = []
     for target in args.targets.split(","):
-        cmd = [sys.executable, __file__, "--worker", target, "--model", args.model, "--batch-sizes", args.batch_sizes,
-               "--contexts", args.contexts, "--steps", str(args.steps), "--paths", args.paths]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            reason = (proc.stderr.strip().splitlines() or ["failed"])[-1]
-            rows.append({"target": target, "path": "-", "status": "skipped", "reason": reason})
-            continue
-        rows += json.loads(proc.stdout.strip().splitlines()[-1])
+        got, reason = run_worker(__file__, target, ["--model", args.model, "--batch-sizes", args.batch_sizes,
+                                                    "--contexts", args.contexts, "--steps", str(args.steps),
+                                                    "--paths", args.paths])
+        rows += got if reason is None else [{"target": target, "path": "-", "status": "skipped", "reason": reason}]
     import os
 
-    report = {"command": " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]), "model": args.model,
-              "cpu": cpu_model(), "cores": os.cpu_count(), "copy_gbps": copy_bandwidth_gbps(), "steps": args.steps,
-              "rows": rows}
-    text = markdown(report)
-    if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-        out.with_suffix(".md").write_text(text)
-    print(text)
+    report = {"command": command_line(), "model": args.model, "cpu": cpu_model(), "cores": os.cpu_count(),
+              "copy_gbps": copy_bandwidth_gbps(), "steps": args.steps, "rows": rows}
+    write_report(args.out, report, markdown(report))
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -171,3 +171,21 @@ def test_continuous_mode_compares_naive_static_and_continuous(tmp_path):
     assert (out / "continuous.png").read_bytes()[:8] == PNG_MAGIC
     assert (out / "continuous_vs_static.csv").is_file()
     assert "continuous" in proc.stdout and "x static" in proc.stdout
+
+
+def test_continuous_batching_benchmark_scripts_run(tmp_path):
+    """long_context, prefix_cache and grid benchmarks end to end on random:tiny (their figures are the
+    committed runs on random:gpt2; this only keeps the scripts working)."""
+    root = Path(__file__).parent.parent / "benchmarks"
+    runs = {"long_context_bench.py": ["--batch-sizes", "1,2", "--contexts", "8,16", "--steps", "2"],
+            "prefix_cache_bench.py": ["--prefix-len", "32", "--requests", "1"],
+            "grid_bench.py": ["--prompt-lens", "8", "--batch-sizes", "1,2", "--max-tokens", "4"]}
+    for script, args in runs.items():
+        out = tmp_path / script.replace(".py", "")
+        proc = subprocess.run([sys.executable, str(root / script), "--model", "random:tiny", "--targets",
+                               "torch:cpu,onnxruntime:cpu", *args, "--out", str(out)],
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        report = json.loads(out.with_suffix(".json").read_text())
+        assert report["rows"] and report["cpu"] and "python " not in report["command"]
+        assert "torch:cpu" in out.with_suffix(".md").read_text()
