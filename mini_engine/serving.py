@@ -17,7 +17,7 @@ import itertools
 import time
 from typing import Any
 
-from .batcher import Batcher, RequestFuture
+from .batcher import Batcher, RequestFuture, RequestTimeout
 from .config import BatchingConfig
 from .errors import ConfigError
 from .sampling import SamplingParams
@@ -43,6 +43,7 @@ class BatchedEngine:
             self._restore_seqs = engine.scheduler.config.max_num_seqs
             engine.set_max_num_seqs(batching.max_batch_size)
         batching = batching or engine.config.batching
+        self.batching = batching
         if mode == "naive" and batching.max_batch_size != 1:
             batching = dataclasses.replace(batching, max_batch_size=1, preferred_batch_sizes=[])
         self.engine, self.mode, self.top_k = engine, mode, top_k
@@ -66,6 +67,26 @@ class BatchedEngine:
     def continuous(self) -> bool:
         return self.front is not None
 
+    def _expire_after(self, future: RequestFuture, request_id: str, timeout_ms: float) -> None:
+        """Continuous batching's form of the batcher's timeout: a request not answered in time is
+        aborted (its KV freed) and answered with RequestTimeout, queued or running."""
+        import threading
+        from concurrent.futures import InvalidStateError
+
+        def expire():
+            if future.done():
+                return
+            self.front.abort(request_id)
+            try:
+                future.set_exception(RequestTimeout(f"request not answered within {timeout_ms:g} ms"))
+            except InvalidStateError:
+                pass  # answered meanwhile
+
+        timer = threading.Timer(timeout_ms / 1e3, expire)
+        timer.daemon = True
+        timer.start()
+        future.add_done_callback(lambda _f: timer.cancel())
+
     def submit(self, prompt: str | list[int], timeout_ms: float | None = None,
                max_new_tokens: int | None = None) -> RequestFuture:
         """Tokenize in the caller's thread (bad prompts fail here), then queue the request.
@@ -78,7 +99,10 @@ class BatchedEngine:
                 params = dataclasses.replace(params, seed=params.seed + next(self._ids))
             future = RequestFuture()
             future.ttft_from_submit = True
-            self.front.submit(prompt, params, future=future)
+            stream = self.front.submit(prompt, params, future=future)
+            timeout = self.batching.timeout_ms if timeout_ms is None else timeout_ms
+            if timeout:
+                self._expire_after(future, stream.request_id, timeout)
             return future
         params = self.params if max_new_tokens is None else dataclasses.replace(self.params, max_new_tokens=max_new_tokens)
         if self.mode == "forward":

@@ -138,3 +138,21 @@ def test_generate_keeps_other_requests_outputs(engine):
         outs += engine.step()
     got = [o for o in outs if o.request_id == "mine"]
     assert sum(len(o.new_token_ids) for o in got) == 6 and got[-1].finished
+
+
+def test_continuous_batched_engine_honours_timeouts(engine):
+    from mini_engine.batcher import RequestTimeout
+    from mini_engine.serving import BatchedEngine
+
+    params = engine.sampling_params(max_new_tokens=100, ignore_eos=True)
+    with BatchedEngine(engine, "generate", params=params) as server:
+        slow = server.submit([3, 4, 5], timeout_ms=5)
+        with pytest.raises(RequestTimeout):
+            slow.result(30)
+        quick = server.submit([3, 4, 5], max_new_tokens=3, timeout_ms=30_000).result(30)
+        assert len(quick.token_ids) == 3
+    for _ in range(100):
+        if not engine.has_unfinished_requests():
+            break
+        threading.Event().wait(0.02)
+    assert engine.stats()["kv_usage"] == 0
