@@ -33,13 +33,20 @@ def copy_bandwidth_gbps() -> float:
     return round(2 * a.nbytes / best / 1e9, 1)
 
 
-def run_worker(script: str, target: str, args: list[str]):
-    """Run `script --worker target args...` (a fresh interpreter: thread pools do not mix); its last
-    stdout line is JSON. Returns (result, None) or (None, the reason it failed)."""
-    proc = subprocess.run([sys.executable, script, "--worker", target, *args], capture_output=True, text=True)
-    if proc.returncode != 0:
-        return None, (proc.stderr.strip().splitlines() or ["failed"])[-1]
-    return json.loads(proc.stdout.strip().splitlines()[-1]), None
+def run_targets(script: str, args) -> list[tuple[str, object, str | None]]:
+    """Run `script --worker TARGET` with the parent's other flags, once per --targets entry, each in
+    a fresh interpreter (thread pools of different runtimes do not mix). Its last stdout line is JSON.
+    Returns (target, result, None) or (target, None, the reason it failed) per target."""
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
+             if k not in ("targets", "out", "worker") and v is not None]
+    out = []
+    for target in args.targets.split(","):
+        proc = subprocess.run([sys.executable, script, "--worker", target, *flags], capture_output=True, text=True)
+        if proc.returncode != 0:
+            out.append((target, None, (proc.stderr.strip().splitlines() or ["failed"])[-1]))
+        else:
+            out.append((target, json.loads(proc.stdout.strip().splitlines()[-1]), None))
+    return out
 
 
 def command_line() -> str:

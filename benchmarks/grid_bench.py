@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_common import command_line, copy_bandwidth_gbps, cpu_model, run_worker, write_report  # noqa: E402
+from bench_common import command_line, copy_bandwidth_gbps, cpu_model, run_targets, write_report  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -115,15 +115,13 @@ def main(argv=None) -> int:
         print(json.dumps(worker(args)))
         return 0
     rows = []
-    for target in args.targets.split(","):
-        got, reason = run_worker(__file__, target, ["--model", args.model, "--prompt-lens", args.prompt_lens,
-                                                    "--batch-sizes", args.batch_sizes, "--max-tokens", args.max_tokens,
-                                                    "--naive-requests", str(args.naive_requests)])
+    for target, got, reason in run_targets(__file__, args):
         rows += got if reason is None else [{"target": target, "reason": reason}]
     rep = {"command": command_line(), "model": args.model, "cpu": cpu_model(), "copy_gbps": copy_bandwidth_gbps(),
            "rows": rows}
     write_report(args.out, rep, markdown(rep))
     return 0
+
 
 if __name__ == "__main__":
     sys.exit(main())

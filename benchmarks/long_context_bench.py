@@ -25,13 +25,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_common import command_line, copy_bandwidth_gbps, cpu_model, run_worker, write_report  # noqa: E402
+from bench_common import command_line, copy_bandwidth_gbps, cpu_model, run_targets, write_report  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -176,17 +177,13 @@ def main(argv=None) -> int:
         print(json.dumps(worker(args)))
         return 0
     rows = []
-    for target in args.targets.split(","):
-        got, reason = run_worker(__file__, target, ["--model", args.model, "--batch-sizes", args.batch_sizes,
-                                                    "--contexts", args.contexts, "--steps", str(args.steps),
-                                                    "--paths", args.paths])
+    for target, got, reason in run_targets(__file__, args):
         rows += got if reason is None else [{"target": target, "path": "-", "status": "skipped", "reason": reason}]
-    import os
-
     report = {"command": command_line(), "model": args.model, "cpu": cpu_model(), "cores": os.cpu_count(),
               "copy_gbps": copy_bandwidth_gbps(), "steps": args.steps, "rows": rows}
     write_report(args.out, report, markdown(report))
     return 0
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_common import command_line, copy_bandwidth_gbps, cpu_model, run_worker, write_report  # noqa: E402
+from bench_common import command_line, copy_bandwidth_gbps, cpu_model, run_targets, write_report  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -115,18 +115,14 @@ def main(argv=None) -> int:
     if args.worker:
         print(json.dumps(worker(args)))
         return 0
-    rows = []
-    for target in args.targets.split(","):
-        got, reason = run_worker(__file__, target, ["--model", args.model, "--prefix-len", str(args.prefix_len),
-                                                    "--suffix-len", str(args.suffix_len),
-                                                    "--new-tokens", str(args.new_tokens),
-                                                    "--requests", str(args.requests)])
-        rows.append(got if reason is None else {"target": target, "status": "skipped", "reason": reason})
+    rows = [got if reason is None else {"target": target, "status": "skipped", "reason": reason}
+            for target, got, reason in run_targets(__file__, args)]
     rep = {"command": command_line(), "cpu": cpu_model(), "copy_gbps": copy_bandwidth_gbps(),
            "settings": {k: getattr(args, k) for k in ("model", "prefix_len", "suffix_len", "new_tokens", "requests")},
            "rows": rows}
     write_report(args.out, rep, markdown(rep))
     return 0
+
 
 if __name__ == "__main__":
     sys.exit(main())

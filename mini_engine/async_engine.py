@@ -243,28 +243,26 @@ class AsyncEngine:
 
     def _fail_inbox(self, item: Any) -> None:
         """Requests still queued when the loop ends: no submit can add more (the lock saw to that)."""
-        while True:
-            try:
-                msg = self._inbox.get_nowait()
-            except queue.Empty:
-                return
+        for msg in self._take_inbox():
             if msg[0] == "add":
                 msg[5]._put(item)
 
-    def _drain_inbox(self) -> None:
+    def _take_inbox(self):
         while True:
             try:
-                msg = self._inbox.get_nowait()
+                yield self._inbox.get_nowait()
             except queue.Empty:
                 return
+
+    def _drain_inbox(self) -> None:
+        for msg in self._take_inbox():
             if msg[0] == "add":
                 _, rid, ids, params, text, stream, arrival = msg
                 try:
-                    req = self.engine.add_request(rid, ids, params, arrival_s=arrival)
+                    self.engine.add_request(rid, ids, params, arrival_s=arrival, text=text)
                 except MiniEngineError as e:
                     stream._put(e)
                     continue
-                req.prompt = text
                 self._streams[rid] = stream
             else:
                 rid = msg[1]

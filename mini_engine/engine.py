@@ -71,7 +71,6 @@ class Engine:
         sc: SchedulerConfig = self.config.scheduler
         per_token = self.runner.kv_bytes_per_token
         window = self.max_positions
-        sc.check_model(window)
         if self.runner.kv_layout == "slots":
             # One contiguous cache row per running sequence: memory is max_num_seqs windows (the
             # block pool only caps tokens in flight when num_kv_blocks asks for fewer), and a
@@ -83,19 +82,18 @@ class Engine:
                 self.config.scheduler = sc
                 self.notes.append(f"prefix caching is off: backend '{self.runner.name}' keeps one cache row "
                                   f"per sequence (kv layout 'slots')")
+            self.kv_capacity = (f"KV cache: {sc.max_num_seqs} rows x {window} tokens "
+                                f"({sc.max_num_seqs * window * per_token / 2**20:.0f} MiB, one row per running "
+                                f"sequence), {blocks * sc.block_size} tokens in flight at most")
         else:
             blocks = sc.pool_blocks(per_token, window)
-        self.runner.allocate_kv_pool(blocks, sc.block_size, sc.max_num_seqs)
-        self.scheduler = Scheduler(sc, BlockManager(blocks, sc.block_size, sc.enable_prefix_caching), window)
-        tokens = blocks * sc.block_size
-        self.max_rows = sc.max_num_seqs  # a "slots" runner has this many cache rows, for good
-        if self.runner.kv_layout == "slots":
-            rows = sc.max_num_seqs * window
-            self.kv_capacity = (f"KV cache: {sc.max_num_seqs} rows x {window} tokens ({rows * per_token / 2**20:.0f} "
-                                f"MiB, one row per running sequence), {tokens} tokens in flight at most")
-        else:
+            tokens = blocks * sc.block_size
             self.kv_capacity = (f"KV cache: {blocks} blocks x {sc.block_size} tokens = {tokens} tokens "
                                 f"({tokens * per_token / 2**20:.0f} MiB, {tokens / window:.1f} full context windows)")
+        # Scheduler() checks the config against the window before the pool is allocated.
+        self.scheduler = Scheduler(sc, BlockManager(blocks, sc.block_size, sc.enable_prefix_caching), window)
+        self.runner.allocate_kv_pool(blocks, sc.block_size, sc.max_num_seqs)
+        self.max_rows = sc.max_num_seqs  # a "slots" runner has this many cache rows, for good
 
     def set_max_num_seqs(self, n: int) -> int:
         """Change max_num_seqs of a running engine; capped where the runner keeps a row per sequence."""
@@ -172,20 +170,13 @@ class Engine:
         return out
 
     def _generate_continuous(self, prompts, encoded, params: SamplingParams) -> list[Completion]:
-        ids = []
+        ids: list[str] = []
+        done: dict[str, Completion] = {}
         try:
             for i, (text, tokens) in enumerate(zip(prompts, encoded)):
-                seeded = params if params.seed is None else _replace(params, seed=params.seed + i)
-                req = self.add_request(None, tokens, seeded)
-                req.prompt = text
-                ids.append(req.request_id)
-        except BaseException:
-            for rid in ids:
-                self.abort_request(rid)
-            raise
-        done: dict[str, Completion] = {}
-        mine = set(ids)
-        try:
+                seeded = params if params.seed is None else dataclasses.replace(params, seed=params.seed + i)
+                ids.append(self.add_request(None, tokens, seeded, text=text).request_id)
+            mine = set(ids)
             while len(done) < len(ids):
                 for out in self.step():
                     if out.request_id not in mine:
@@ -200,14 +191,17 @@ class Engine:
 
     # ----- the request-level API (continuous batching) ---------------------------------
     def add_request(self, request_id: str | None, prompt: str | Seq[int], params: SamplingParams | None = None,
-                    arrival_s: float | None = None) -> Request:
-        """Queue a request (a prompt string or token ids) with its own sampling params."""
+                    arrival_s: float | None = None, text: str | None = None) -> Request:
+        """Queue a request (a prompt string or token ids) with its own sampling params.
+
+        `text`: the prompt's text when `prompt` is its token ids (what the Completion reports).
+        """
         sched = self._require_scheduler()
         params = params or self.sampling_params()
         if isinstance(prompt, str):
             text, ids = prompt, self.encode_prompt(prompt, params)
         else:
-            text, ids = None, self.check_prompt_ids(prompt, params)
+            ids = self.check_prompt_ids(prompt, params)
         if request_id is None:
             rid = f"req-{next(self._ids)}"
             while rid in sched.requests:  # a caller may have named one of its requests like that
@@ -468,10 +462,6 @@ class Engine:
                           prompt_token_ids=list(seq.prompt_ids), finish_reason=seq.finish_reason,
                           ttft_ms=(seq.first_token_s - t0) * 1e3, total_ms=(seq.finish_s - t0) * 1e3,
                           token_times_ms=[(t - t0) * 1e3 for t in seq.token_s])
-
-
-def _replace(params: SamplingParams, **changes: Any) -> SamplingParams:
-    return dataclasses.replace(params, **changes)
 
 
 def prefill_step(seqs: list[Sequence], prompt_len: int) -> StepInput:

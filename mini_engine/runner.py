@@ -228,11 +228,7 @@ class Runner(abc.ABC):
             raise MiniEngineError(f"slot_mapping must lie in 0..{self._pool_blocks * self._block_size - 1}")
         if step.block_tables.size and step.block_tables.max() >= self._pool_blocks:
             raise MiniEngineError(f"block tables must name blocks 0..{self._pool_blocks - 1}")
-        cfg = self.config.model.config
-        if step.input_ids.min() < 0 or step.input_ids.max() >= cfg.vocab_size:
-            raise MiniEngineError(f"token ids must be in 0..{cfg.vocab_size - 1}")
-        if step.position_ids.min() < 0 or step.position_ids.max() >= cfg.n_positions:
-            raise MiniEngineError(f"position ids must be in 0..{cfg.n_positions - 1}")
+        self._check_ids(step.input_ids, step.position_ids)
 
     # ----- execution -------------------------------------------------------
     def execute(self, step: StepInput) -> np.ndarray:
@@ -263,10 +259,14 @@ class Runner(abc.ABC):
             raise MiniEngineError(f"slot ids must be distinct and in 0..{self._num_slots - 1}")
         if step.logits not in ("last", "all"):
             raise MiniEngineError(f"logits must be 'last' or 'all', got {step.logits!r}")
+        self._check_ids(step.input_ids, step.position_ids)
+
+    def _check_ids(self, input_ids: np.ndarray, position_ids: np.ndarray) -> None:
+        """Numpy indexing would wrap a negative id silently: refuse out-of-range ids in one line."""
         cfg = self.config.model.config
-        if step.input_ids.min() < 0 or step.input_ids.max() >= cfg.vocab_size:
+        if input_ids.min() < 0 or input_ids.max() >= cfg.vocab_size:
             raise MiniEngineError(f"token ids must be in 0..{cfg.vocab_size - 1}")
-        if step.position_ids.min() < 0 or step.position_ids.max() >= cfg.n_positions:
+        if position_ids.min() < 0 or position_ids.max() >= cfg.n_positions:
             raise MiniEngineError(f"position ids must be in 0..{cfg.n_positions - 1}")
 
     def _require_loaded(self) -> None:

@@ -106,7 +106,7 @@ class OrtRunner(PagedSlots, Runner):
         self.past: list | None = None
         self.layout: list[int] = []
         self.cached_len = 0
-        given = self._given_export()
+        self.given_export = given = self._given_export()
         self.gqa_export, self.paged_reason = None, None
         if given is not None and given.kv_cache == "gqa":
             if self.options.kv_cache == "concat":
@@ -152,7 +152,7 @@ class OrtRunner(PagedSlots, Runner):
         if self.session is not None:
             return
         if export is None:
-            if self.gqa_export is not None and self._given_export() is not None:
+            if self.given_export is not None:
                 raise MiniEngineError(f"the export in '{self.gqa_export.directory}' implements only the gqa-v1 "
                                       f"contract (continuous batching); static steps (scoring, static batching) "
                                       f"need a concat export (`mini-engine export onnx`)")

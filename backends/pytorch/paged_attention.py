@@ -80,31 +80,37 @@ def attention_tasks(q, kpool, vpool, block_tables, rows, query_start, context_le
             out[i, h, d] = acc[d] * inv
 
 
-def paged_attention(q, kpool, vpool, block_tables, query_start, context_lens, scale, out, threads: int = 1) -> None:
-    """Every (token, head) task, split in `threads` shares of about equal keys to read."""
-    n_tok, n_head, _ = q.shape
-    per_row = np.diff(query_start)
-    rows = np.repeat(np.arange(len(context_lens)), per_row)
-    tasks = n_tok * n_head
-    # Keys read per task: the row's context plus the token's offset in its chunk, plus itself.
-    keys = np.repeat(np.repeat(context_lens, per_row) + (np.arange(n_tok) - np.repeat(query_start[:-1], per_row)) + 1,
-                     n_head)
-    total = int(keys.sum())
-    if threads < 2 or total < MIN_SPLIT_KEYS:
-        attention_tasks(q, kpool, vpool, block_tables, rows, query_start, context_lens, scale, out, 0, tasks)
-        return
-    bounds = np.searchsorted(np.cumsum(keys), [total * k // threads for k in range(1, threads)]) + 1
-    edges = [0, *[int(b) for b in bounds], tasks]
-    futures = [_pool(threads).submit(attention_tasks, q, kpool, vpool, block_tables, rows, query_start, context_lens,
-                                     scale, out, edges[k], edges[k + 1]) for k in range(1, threads)]
-    attention_tasks(q, kpool, vpool, block_tables, rows, query_start, context_lens, scale, out, edges[0], edges[1])
-    for f in futures:
-        f.result()
-
-
 # Below this many keys read, splitting costs more (a thread hand-off) than it saves.
 MIN_SPLIT_KEYS = 20_000
 _POOLS: dict = {}
+
+
+def split_tasks(query_start: np.ndarray, context_lens: np.ndarray, n_head: int, threads: int):
+    """Token -> row, and the (token, head) task ranges of `threads` shares of about equal keys to read.
+
+    The same for every layer of a step, so a step computes it once.
+    """
+    per_row = np.diff(query_start)
+    n_tok = int(query_start[-1])
+    rows = np.repeat(np.arange(len(context_lens)), per_row)
+    tasks = n_tok * n_head
+    # Keys read per task: the row's context plus the token's offset in its chunk, plus itself.
+    keys = np.repeat(context_lens[rows] + (np.arange(n_tok) - query_start[:-1][rows]) + 1, n_head)
+    total = int(keys.sum())
+    if threads < 2 or total < MIN_SPLIT_KEYS:
+        return rows, [0, tasks]
+    bounds = np.searchsorted(np.cumsum(keys), [total * k // threads for k in range(1, threads)]) + 1
+    return rows, [0, *[int(b) for b in bounds], tasks]
+
+
+def paged_attention(q, kpool, vpool, block_tables, rows, query_start, context_lens, scale, out, edges) -> None:
+    """Every (token, head) task, the shares between consecutive `edges` on threads of their own."""
+    args = (q, kpool, vpool, block_tables, rows, query_start, context_lens, scale, out)
+    shares = len(edges) - 1
+    futures = [_pool(shares).submit(attention_tasks, *args, edges[k], edges[k + 1]) for k in range(1, shares)]
+    attention_tasks(*args, edges[0], edges[1])
+    for f in futures:
+        f.result()
 
 
 def _pool(threads: int):
@@ -121,13 +127,12 @@ class PagedKV:
     def __init__(self, keys: list[np.ndarray], values: list[np.ndarray], step, n_head: int, head_dim: int,
                  threads: int = 1):
         self.keys, self.values = keys, values
-        self.threads = threads
-        self.n_head, self.head_dim = n_head, head_dim
         self.scale = np.float32(1.0 / math.sqrt(head_dim))
         self.slots = step.slot_mapping
         self.tables = step.block_tables
         self.query_start = step.query_start
         self.context_lens = step.context_lens
+        self.rows, self.edges = split_tasks(step.query_start, step.context_lens, n_head, threads)
 
     def attend(self, layer: int, q, k, v):
         """q, k, v: torch [N, H, D] float32 on CPU; returns the attention output as torch [N, H, D]."""
@@ -139,6 +144,6 @@ class PagedKV:
     def attend_np(self, layer: int, q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
         write_kv(k, v, self.keys[layer], self.values[layer], self.slots)
         out = np.empty_like(q)
-        paged_attention(q, self.keys[layer], self.values[layer], self.tables, self.query_start,
-                        self.context_lens, self.scale, out, self.threads)
+        paged_attention(q, self.keys[layer], self.values[layer], self.tables, self.rows, self.query_start,
+                        self.context_lens, self.scale, out, self.edges)
         return out
