@@ -151,30 +151,36 @@ def _worker(job_path: str) -> None:
     engine = Engine(config=load_config(job["config"]))
     load_s = time.perf_counter() - t0
     runner = engine.runner
-    timings: list[float] = []  # seconds per runner step
+    timings: list[float] = []  # seconds per runner step that returned logits
     recorded: list[np.ndarray] = []
-    real_execute = runner.execute
+    # The engine's generation path: continuous batching (execute_paged) or static (execute).
+    name = "execute_paged" if engine.continuous else "execute"
+    real_execute = getattr(runner, name)
 
     def execute(step):
         start = time.perf_counter()
         out = real_execute(step)
-        timings.append(time.perf_counter() - start)
-        recorded.append(np.array(out[0], dtype=np.float32))
+        if len(out):  # a prefill chunk that does not end the prompt returns no logits
+            timings.append(time.perf_counter() - start)
+            recorded.append(np.array(out[0], dtype=np.float32))
         return out
 
     params = engine.sampling_params(max_new_tokens=job["max_new_tokens"], temperature=0.0, ignore_eos=True)
     with engine:
         engine.generate(job["prompts"][0], params)  # warm-up: lazy init, allocator growth
         timings.clear()
-        # Wrap this instance's execute: the engine's own loop runs unchanged, we only observe it.
-        runner.execute = execute
+        # Wrap this instance's step method: the engine's own loop runs unchanged, we only observe it.
+        setattr(runner, name, execute)
         tokens, logits = [], []
         prefill, decode = [], []
         for i, prompt in enumerate(job["prompts"]):
             recorded.clear()
             start = len(timings)
-            seq = Sequence(i, prompt, engine.encode_prompt(prompt, params))
-            c = engine.generate_batch([seq], params)[0]
+            if engine.continuous:
+                engine.scheduler.block_manager.reset_prefix_cache()  # every prompt's prefill is computed
+                c = engine.generate(prompt, params)[0]
+            else:
+                c = engine.generate_batch([Sequence(i, prompt, engine.encode_prompt(prompt, params))], params)[0]
             tokens.append(c.token_ids)
             logits.append(np.stack(recorded))
             steps = timings[start:]
