@@ -9,7 +9,7 @@ import importlib
 
 import click
 
-MODULES = ("export", "compare", "bench")
+MODULES = ("export", "compare", "bench", "serve", "load", "analyze")
 
 
 def register_commands(group: click.Group) -> None:
