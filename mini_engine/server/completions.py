@@ -1,0 +1,191 @@
+"""POST /v1/completions (OpenAI's Completions API) over the async engine.
+
+A request becomes one engine request per prompt, each with the same sampling params (a
+seed is offset per prompt, as `Engine.generate` does); choices come back in prompt order.
+This module only translates: every token comes from the one engine path.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import time
+from typing import AsyncIterator
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from ..sampling import SamplingParams
+from ..sequence import Completion
+from .errors import APIError, error_body
+from .protocol import (CompletionChoice, CompletionChunk, CompletionLogprobs, CompletionRequest,
+                       CompletionResponse, Usage, completion_id)
+from .state import ClientGone, ServerState, Ticket, merge_streams
+
+ENDPOINT = "/v1/completions"
+
+
+def sampling_params(req: CompletionRequest, state: ServerState) -> SamplingParams:
+    try:
+        return state.core.sampling_params(
+            max_new_tokens=req.max_tokens, temperature=req.temperature if req.temperature is not None else 1.0,
+            top_p=req.top_p if req.top_p is not None else 1.0,
+            top_k=max(req.top_k or 0, 0),  # vLLM's -1 and 0 both mean off
+            seed=req.seed, stop=list(req.stop or []), ignore_eos=req.ignore_eos, truncate=req.truncate,
+            logprobs=req.logprobs, min_tokens=req.min_tokens)
+    except Exception as e:  # noqa: BLE001 - a ConfigError names the field
+        raise APIError(400, str(e)) from None
+
+
+def check_model(req_model: str | None, state: ServerState) -> str:
+    if req_model is not None and req_model != state.model_name:
+        raise APIError(404, f"model '{req_model}' is not served here; this server serves '{state.model_name}' "
+                            f"(GET /v1/models)", "model", "model_not_found")
+    return state.model_name
+
+
+async def create_completion(req: CompletionRequest, raw: Request, state: ServerState):
+    model = check_model(req.model, state)
+    params = sampling_params(req, state)
+    prompts = req.prompts()
+    mode = "stream" if req.stream else "batch"
+    n = len(prompts)
+    state.acquire(n)
+    streams, tickets = [], []
+    try:
+        for i, p in enumerate(prompts):
+            pi = params if params.seed is None else dataclasses.replace(params, seed=params.seed + i)
+            s = state.submit(p, pi)
+            streams.append(s)
+            tickets.append(Ticket(s.request_id, ENDPOINT, mode))
+    except BaseException:
+        for s in streams:
+            state.engine.abort(s.request_id)
+        state.release(n)
+        raise
+    texts = [p if isinstance(p, str) else state.core.tokenizer.decode(p) for p in prompts] if req.echo else None
+    if req.stream:
+        # The response body owns the admission from here on and releases it when it ends.
+        return StreamingResponse(_stream(req, model, streams, tickets, texts, state), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    try:
+        results = await state.bounded(asyncio.gather(*(s.result() for s in streams)), raw)
+    except APIError as e:
+        for t in tickets:
+            state.failed(t, e.status, "timeout" if e.status == 504 else "error")
+        raise
+    except ClientGone:
+        for t in tickets:
+            state.failed(t, 499, "abort")
+        return JSONResponse(error_body(499, "client closed the request"), status_code=499)
+    finally:
+        state.release(n)
+    choices, usage = [], Usage()
+    for i, (c, t) in enumerate(zip(results, tickets)):
+        state.finished(t, c)
+        text = c.text
+        lp = None
+        if req.logprobs is not None:
+            lp = _logprobs(state, c.logprobs or [], 0, req.logprobs)
+        if req.echo:
+            text = c.prompt + text
+        choices.append(CompletionChoice(index=i, text=text, logprobs=lp, finish_reason=c.finish_reason))
+        usage.prompt_tokens += len(c.prompt_token_ids)
+        usage.completion_tokens += len(c.token_ids)
+    usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
+    return CompletionResponse(model=model, choices=choices, usage=usage)
+
+
+async def _stream(req: CompletionRequest, model: str, streams, tickets, texts, state: ServerState) -> AsyncIterator[str]:
+    cid, created = completion_id(), int(time.time())
+    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    continuous = bool(req.stream_options and req.stream_options.continuous_usage_stats)
+    n = len(streams)
+    prompt_tokens = [0] * n
+    out_tokens = [0] * n
+    offsets = [0] * n
+    first = [True] * n
+    ended = [False] * n
+    first_token_ms: list[float | None] = [None] * n
+    timeout = state.config.request_timeout_s or None
+    try:
+        try:
+            async with asyncio.timeout(timeout):
+                async for i, out in merge_streams(streams):
+                    text = out.text
+                    if first[i]:
+                        first[i] = False
+                        first_token_ms[i] = (time.perf_counter() - tickets[i].started) * 1e3
+                        if req.echo:
+                            text = texts[i] + text
+                    out_tokens[i] += len(out.new_token_ids)
+                    lp = None
+                    if req.logprobs is not None:
+                        lp = _logprobs(state, getattr(out, "logprobs", None) or [], offsets[i], req.logprobs)
+                    offsets[i] += len(text)
+                    usage = None
+                    if out.finished:
+                        c: Completion = out.completion
+                        prompt_tokens[i] = len(c.prompt_token_ids)
+                        ended[i] = True
+                        state.finished(tickets[i], c)
+                    if continuous:
+                        usage = Usage(prompt_tokens=prompt_tokens[i], completion_tokens=out_tokens[i],
+                                      total_tokens=prompt_tokens[i] + out_tokens[i])
+                    chunk = CompletionChunk(id=cid, created=created, model=model, usage=usage, choices=[
+                        CompletionChoice(index=i, text=text, logprobs=lp,
+                                         finish_reason=out.finish_reason if out.finished else None)])
+                    yield f"data: {chunk.model_dump_json()}\n\n"
+        except TimeoutError:
+            for i, t in enumerate(tickets):
+                if not ended[i]:
+                    ended[i] = True
+                    state.failed(t, 504, "timeout", out_tokens[i], first_token_ms[i])
+            body = error_body(504, f"the request did not finish within server.request_timeout_s = "
+                                   f"{state.config.request_timeout_s:g} s; it was aborted", code="timeout")
+            yield f"data: {json.dumps(body)}\n\n"
+            yield "data: [DONE]\n\n"
+            return
+        except APIError as e:
+            yield f"data: {json.dumps(error_body(e.status, e.message, e.param, e.code))}\n\n"
+            yield "data: [DONE]\n\n"
+            return
+        except Exception as e:  # noqa: BLE001 - the headers are sent: the error goes in the stream
+            for i, t in enumerate(tickets):
+                if not ended[i]:
+                    ended[i] = True
+                    state.failed(t, 500, "error", out_tokens[i], first_token_ms[i])
+            yield f"data: {json.dumps(error_body(500, f'{type(e).__name__}: {e}', code='engine_error'))}\n\n"
+            yield "data: [DONE]\n\n"
+            return
+        if include_usage:
+            pt, ct = sum(prompt_tokens), sum(out_tokens)
+            chunk = CompletionChunk(id=cid, created=created, model=model, choices=[],
+                                    usage=Usage(prompt_tokens=pt, completion_tokens=ct, total_tokens=pt + ct))
+            yield f"data: {chunk.model_dump_json()}\n\n"
+        yield "data: [DONE]\n\n"
+    finally:
+        # Reached on completion and when the client went away (the response task is cancelled
+        # and this generator closed): unfinished requests were aborted by their streams.
+        for i, t in enumerate(tickets):
+            if not ended[i]:
+                state.failed(t, 499, "abort", out_tokens[i], first_token_ms[i])
+        state.release(n)
+
+
+def _logprobs(state: ServerState, positions, offset: int, k: int) -> CompletionLogprobs:
+    """OpenAI's logprobs object for generated positions (`positions`: the engine's TokenLogprob)."""
+    tok = state.core.tokenizer
+    out = CompletionLogprobs()
+    at = offset
+    for p in positions:
+        s = tok.decode([p.token_id])
+        out.tokens.append(s)
+        out.token_logprobs.append(p.logprob)
+        top: dict[str, float] = {}
+        for tid, lp in p.top[:k]:
+            top.setdefault(tok.decode([tid]), lp)
+        out.top_logprobs.append(top if k else None)
+        out.text_offset.append(at)
+        at += len(s)
+    return out

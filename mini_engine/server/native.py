@@ -1,0 +1,99 @@
+"""The studies' native endpoints: POST /generate (the whole completion and its timings in one
+JSON) and POST /generate/stream (Server-Sent Events, one per token increment, then a final
+event with the timings). Same engine path as /v1/completions, one prompt per request.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import AsyncIterator
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from ..sequence import Completion
+from .errors import APIError, error_body
+from .protocol import GenerateRequest, GenerateResponse, Usage
+from .state import ClientGone, ServerState, Ticket
+
+
+def _params(req: GenerateRequest, state: ServerState):
+    try:
+        return state.core.sampling_params(max_new_tokens=req.max_new_tokens, temperature=req.temperature,
+                                          top_k=req.top_k, top_p=req.top_p, seed=req.seed, stop=list(req.stop),
+                                          ignore_eos=req.ignore_eos, truncate=req.truncate)
+    except Exception as e:  # noqa: BLE001 - a ConfigError names the field
+        raise APIError(400, str(e)) from None
+
+
+def _response(rid: str, c: Completion) -> GenerateResponse:
+    n_prompt, n_out = len(c.prompt_token_ids), len(c.token_ids)
+    return GenerateResponse(
+        request_id=rid, prompt=c.prompt, text=c.text, token_ids=c.token_ids, finish_reason=c.finish_reason,
+        usage=Usage(prompt_tokens=n_prompt, completion_tokens=n_out, total_tokens=n_prompt + n_out),
+        queue_ms=round(c.queue_ms, 3), ttft_ms=round(c.ttft_ms, 3), e2e_ms=round(c.total_ms, 3),
+        tpot_ms=round(c.tpot_ms, 3), tokens_per_s=round(c.tokens_per_s, 2),
+        cached_prompt_tokens=c.cached_prompt_tokens, preemptions=c.preemptions)
+
+
+def _start(req: GenerateRequest, state: ServerState, endpoint: str, mode: str):
+    params = _params(req, state)
+    state.acquire(1)
+    try:
+        stream = state.submit(req.prompt, params)
+    except BaseException:
+        state.release(1)
+        raise
+    return stream, Ticket(stream.request_id, endpoint, mode)
+
+
+async def generate(req: GenerateRequest, raw: Request, state: ServerState):
+    stream, ticket = _start(req, state, "/generate", "batch")
+    try:
+        c = await state.bounded(stream.result(), raw)
+    except APIError as e:
+        state.failed(ticket, e.status, "timeout" if e.status == 504 else "error")
+        raise
+    except ClientGone:
+        state.failed(ticket, 499, "abort")
+        return JSONResponse(error_body(499, "client closed the request"), status_code=499)
+    finally:
+        state.release(1)
+    state.finished(ticket, c)
+    return _response(stream.request_id, c)
+
+
+async def generate_stream(req: GenerateRequest, raw: Request, state: ServerState):
+    stream, ticket = _start(req, state, "/generate/stream", "stream")
+    return StreamingResponse(_events(stream, ticket, state), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+async def _events(stream, ticket: Ticket, state: ServerState) -> AsyncIterator[str]:
+    ended, n_out = False, 0
+    try:
+        try:
+            async with asyncio.timeout(state.config.request_timeout_s or None):
+                async for out in stream:
+                    n_out += len(out.new_token_ids)
+                    event = {"request_id": stream.request_id, "text": out.text, "token_ids": out.new_token_ids,
+                             "finished": out.finished}
+                    if out.finished:
+                        ended = True
+                        state.finished(ticket, out.completion)
+                        event |= _response(stream.request_id, out.completion).model_dump(exclude={"text", "token_ids"})
+                    yield f"data: {json.dumps(event)}\n\n"
+        except TimeoutError:
+            ended = True
+            state.failed(ticket, 504, "timeout", n_out)
+            body = error_body(504, f"the request did not finish within server.request_timeout_s = "
+                                   f"{state.config.request_timeout_s:g} s; it was aborted", code="timeout")
+            yield f"data: {json.dumps(body)}\n\n"
+        except Exception as e:  # noqa: BLE001 - the headers are sent: the error goes in the stream
+            ended = True
+            state.failed(ticket, 500, "error", n_out)
+            yield f"data: {json.dumps(error_body(500, f'{type(e).__name__}: {e}', code='engine_error'))}\n\n"
+    finally:
+        if not ended:
+            state.failed(ticket, 499, "abort", n_out)
+        state.release(1)
