@@ -56,6 +56,7 @@ class Server:
         try:
             self.engine = Engine(config=cfg) if engine is None else engine
             self.async_engine = AsyncEngine(self.engine)
+            self.warmup_s = self._warmup()
             if sc.log_csv:
                 self.request_log = RequestLog(sc.log_csv, cfg.backend.name, cfg.backend.device)
         except BaseException:
@@ -72,6 +73,17 @@ class Server:
         self._thread: threading.Thread | None = None
         self._failed: BaseException | None = None
         self._closed = False
+
+    def _warmup(self) -> float:
+        """One short generation before the socket accepts: kernels compile (numba) and ONNX
+        Runtime plans its first shapes now, not in the first user's TTFT."""
+        import time
+
+        from ..sampling import SamplingParams
+
+        t = time.perf_counter()
+        self.async_engine.generate([self.engine.tokenizer.eos_token_id] * 20, SamplingParams(max_new_tokens=2))
+        return time.perf_counter() - t
 
     @property
     def url(self) -> str:
