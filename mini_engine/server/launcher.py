@@ -55,6 +55,9 @@ class Server:
         self.request_log = None
         try:
             self.engine = Engine(config=cfg) if engine is None else engine
+            if not self.engine.continuous:
+                raise ConfigError(f"the server needs continuous batching, which this configuration lacks: "
+                                  f"{self.engine.static_reason}")
             self.async_engine = AsyncEngine(self.engine)
             self.warmup_s = self._warmup()
             if sc.log_csv:
