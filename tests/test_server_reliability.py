@@ -213,3 +213,12 @@ def test_loopback_rule():
     assert ServerConfig(host="127.0.0.1").loopback and ServerConfig(host="::1").loopback
     assert ServerConfig(host="localhost").loopback
     assert not ServerConfig(host="0.0.0.0").loopback and not ServerConfig(host="10.1.2.3").loopback
+
+
+def test_exposed_without_a_key_warns():
+    from mini_engine.server.launcher import exposure_warning
+    from mini_engine.server.server_config import ServerConfig
+
+    assert "no API key" in exposure_warning(ServerConfig(host="0.0.0.0"))
+    assert exposure_warning(ServerConfig(host="0.0.0.0", api_key="k")) is None
+    assert exposure_warning(ServerConfig(host="127.0.0.1")) is None

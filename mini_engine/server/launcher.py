@@ -187,13 +187,21 @@ def _uvicorn_server_class():
     return _Uvicorn
 
 
+def exposure_warning(sc) -> str | None:
+    """What `serve` warns about at start: a non-loopback address with no API key."""
+    if sc.loopback or sc.api_key:
+        return None
+    return (f"serving on {sc.host} with no API key: anyone who can reach this address can use it "
+            f"(set server.api_key or --api-key)")
+
+
 def serve(cfg: Config, echo: Callable[[str], None] = print) -> None:
     """`mini-engine serve`: load the model, serve until signalled, shut down in order."""
     server = Server(cfg)
     sc, engine = cfg.server, server.engine
-    if not sc.loopback and not sc.api_key:
-        log.warning("serving on %s with no API key: anyone who can reach this address can use it "
-                    "(set server.api_key or --api-key)", sc.host)
+    warning = exposure_warning(sc)
+    if warning:
+        log.warning(warning)
     echo(f"note: {engine.kv_capacity}")
     for line in engine.notes:
         echo(f"note: {line}")
