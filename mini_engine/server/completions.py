@@ -13,14 +13,14 @@ import time
 from typing import AsyncIterator
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 
 from ..sampling import SamplingParams
 from ..sequence import Completion
 from .errors import APIError, error_body
 from .protocol import (CompletionChoice, CompletionChunk, CompletionLogprobs, CompletionRequest,
                        CompletionResponse, Usage, completion_id)
-from .state import ClientGone, ServerState, Ticket, merge_streams
+from .state import ClientGone, EventStream, ServerState, Ticket, merge_streams
 
 ENDPOINT = "/v1/completions"
 
@@ -66,8 +66,8 @@ async def create_completion(req: CompletionRequest, raw: Request, state: ServerS
     texts = [p if isinstance(p, str) else state.core.tokenizer.decode(p) for p in prompts] if req.echo else None
     if req.stream:
         # The response body owns the admission from here on and releases it when it ends.
-        return StreamingResponse(_stream(req, model, streams, tickets, texts, state), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return EventStream(_stream(req, model, streams, tickets, texts, state), state, n,
+                           [s.request_id for s in streams])
     try:
         results = await state.bounded(asyncio.gather(*(s.result() for s in streams)), raw)
     except APIError as e:
@@ -166,11 +166,10 @@ async def _stream(req: CompletionRequest, model: str, streams, tickets, texts, s
         yield "data: [DONE]\n\n"
     finally:
         # Reached on completion and when the client went away (the response task is cancelled
-        # and this generator closed): unfinished requests were aborted by their streams.
+        # and this generator closed); EventStream releases the admission and aborts what is left.
         for i, t in enumerate(tickets):
             if not ended[i]:
                 state.failed(t, 499, "abort", out_tokens[i], first_token_ms[i])
-        state.release(n)
 
 
 def _logprobs(state: ServerState, positions, offset: int, k: int) -> CompletionLogprobs:

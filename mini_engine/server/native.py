@@ -9,12 +9,12 @@ import json
 from typing import AsyncIterator
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 
 from ..sequence import Completion
 from .errors import APIError, error_body
 from .protocol import GenerateRequest, GenerateResponse, Usage
-from .state import ClientGone, ServerState, Ticket
+from .state import ClientGone, EventStream, ServerState, Ticket
 
 
 def _params(req: GenerateRequest, state: ServerState):
@@ -65,8 +65,7 @@ async def generate(req: GenerateRequest, raw: Request, state: ServerState):
 
 async def generate_stream(req: GenerateRequest, raw: Request, state: ServerState):
     stream, ticket = _start(req, state, "/generate/stream", "stream")
-    return StreamingResponse(_events(stream, ticket, state), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return EventStream(_events(stream, ticket, state), state, 1, [stream.request_id])
 
 
 async def _events(stream, ticket: Ticket, state: ServerState) -> AsyncIterator[str]:
@@ -96,4 +95,3 @@ async def _events(stream, ticket: Ticket, state: ServerState) -> AsyncIterator[s
     finally:
         if not ended:
             state.failed(ticket, 499, "abort", n_out)
-        state.release(1)

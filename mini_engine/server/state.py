@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Awaitable, TypeVar
 
 from starlette.requests import Request
+from starlette.responses import StreamingResponse
 
 from ..async_engine import AsyncEngine, RequestStream
 from ..errors import MiniEngineError
@@ -133,6 +134,25 @@ class ServerState:
             e2e = (time.perf_counter() - ticket.started) * 1e3
             self.log.record(ticket.request_id, ticket.endpoint, ticket.mode, status, reason, ticket.prompt_tokens,
                             output_tokens, None, ttft_ms, e2e)
+
+
+class EventStream(StreamingResponse):
+    """Server-Sent Events whose clean-up runs however the response ends, including when the
+    client left before the body was ever iterated (then the generator's own `finally` never
+    runs): admission is released and unfinished engine requests are aborted."""
+
+    def __init__(self, body, state: ServerState, n: int, request_ids: list[str]):
+        super().__init__(body, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self._state, self._n, self._ids = state, n, request_ids
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            for rid in self._ids:
+                self._state.engine.abort(rid)  # a no-op for requests that finished
+            self._state.release(self._n)
 
 
 async def _wait_disconnect(request: Request) -> None:
