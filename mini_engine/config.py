@@ -24,14 +24,18 @@ from .errors import ConfigError
 from .sampling import SamplingParams
 
 
+# int8 / int4: weight-only (or dynamic) quantization; each backend says what it supports.
+DTYPES = ("float32", "float16", "bfloat16", "int8", "int4")
+
+
 @dataclass
 class ModelConfig:
     source: str = "random:gpt2"
     dtype: str = "float32"
 
     def __post_init__(self):
-        if self.dtype not in ("float32", "float16", "bfloat16"):
-            raise ConfigError(f"model.dtype must be float32, float16 or bfloat16, got '{self.dtype}'")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"model.dtype must be one of {', '.join(DTYPES)}, got '{self.dtype}'")
 
 
 @dataclass

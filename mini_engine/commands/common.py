@@ -6,8 +6,8 @@ import click
 
 def config_options(f):
     """--config/--set/--model/--backend/--device/--dtype, shared by every command that builds an engine."""
-    f = click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None,
-                     help="Weight/compute dtype (model.dtype).")(f)
+    f = click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16", "int8", "int4"]), default=None,
+                     help="Weight/compute dtype (model.dtype); int8/int4 quantize the weights where the backend can.")(f)
     f = click.option("--device", default=None, help="cpu or cuda[:N] (backend.device).")(f)
     f = click.option("--backend", "-b", default=None, help="Backend name (backend.name); see `mini-engine backends`.")(f)
     f = click.option("--model", "-m", default=None,
