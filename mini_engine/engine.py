@@ -22,8 +22,8 @@ from .errors import ConfigError, MiniEngineError, PromptTooLong
 from .model.source import resolve_model
 from .registry import get_backend
 from .runner import Runner, RunnerConfig, StepInput
-from .sampling import Sampler, SamplingParams, sample_rows
-from .sequence import Completion, RequestOutput, Score, Sequence
+from .sampling import Sampler, SamplingParams, sample_rows, token_logprobs
+from .sequence import Completion, RequestOutput, Score, Sequence, TokenLogprob
 from .tokenizer import Tokenizer, load_tokenizer
 
 
@@ -212,6 +212,8 @@ class Engine:
                       arrival_s=time.perf_counter() if arrival_s is None else arrival_s)
         if not params.greedy:
             req.generator = np.random.default_rng(params.seed)
+        if params.logprobs is not None:
+            req.logprobs = []
         req.state = Detokenizer(self.tokenizer, params.stop)
         sched.add_request(req)
         return req
@@ -244,34 +246,51 @@ class Engine:
         return earlier + self._postprocess_step([s.request for s in plan.seqs if s.needs_logits], logits)
 
     def _postprocess_step(self, reqs: list[Request], logits: np.ndarray) -> list[RequestOutput]:
-        tokens = sample_rows(logits, [r.params for r in reqs], [r.generator for r in reqs])
-        now = time.perf_counter()
         eos = self.tokenizer.eos_token_id
+        params = [r.params for r in reqs]
+        # min_tokens: a row short of it cannot sample EOS (its logit counts as -inf), as in vLLM
+        # and transformers' MinNewTokensLengthLogitsProcessor.
+        no_eos = [i for i, (r, p) in enumerate(zip(reqs, params))
+                  if p.min_tokens and p.min_tokens > len(r.output_ids) and not p.ignore_eos]
+        tokens = sample_rows(logits, params, [r.generator for r in reqs], no_eos, eos)
+        # Logprobs of the raw logits (sample_rows masks copies), computed for the rows that ask only.
+        step_lps: list[TokenLogprob | None] | None = None
+        asked = [i for i, p in enumerate(params) if p.logprobs is not None]
+        if asked:
+            step_lps = [None] * len(reqs)
+            got = token_logprobs(logits[asked], [tokens[i] for i in asked], [params[i].logprobs for i in asked])
+            for i, lp in zip(asked, got):
+                step_lps[i] = lp
+        now = time.perf_counter()
         outputs = []
-        for req, token in zip(reqs, tokens):
+        for i, (req, token) in enumerate(zip(reqs, tokens)):
             if req.finished:
                 continue  # aborted while its step ran
             if not req.output_ids:
                 req.first_token_s = now
             req.append_output(token)
             req.token_s.append(now)
+            lps = None
+            if step_lps is not None and step_lps[i] is not None:
+                lps = [step_lps[i]]
+                req.logprobs.append(step_lps[i])
             detok: Detokenizer = req.state
             p = req.params
             reason = None
             if token == eos and not p.ignore_eos:
                 reason = "stop"  # the EOS token is returned, its text is not
-            elif detok.push(token):
+            elif detok.push(token) if len(req.output_ids) >= p.min_tokens else _push_unchecked(detok, token):
                 reason = "stop"
             elif len(req.output_ids) >= p.max_new_tokens or req.num_tokens >= self.max_positions:
                 reason = "length"
             if reason is None:
-                outputs.append(RequestOutput(req.request_id, [token], detok.delta()))
+                outputs.append(RequestOutput(req.request_id, [token], detok.delta(), logprobs=lps))
                 continue
             req.finish_s = now
             detok.flush()
             self.scheduler.finish_request(req, reason)
             outputs.append(RequestOutput(req.request_id, [token], detok.delta(final=True), True, reason,
-                                         self._request_completion(req)))
+                                         self._request_completion(req), logprobs=lps))
         return outputs
 
     def _request_completion(self, req: Request) -> Completion:
@@ -281,7 +300,8 @@ class Engine:
                           finish_reason=req.finish_reason, ttft_ms=(req.first_token_s - t0) * 1e3,
                           total_ms=(req.finish_s - t0) * 1e3, token_times_ms=[(t - t0) * 1e3 for t in req.token_s],
                           queue_ms=(req.first_scheduled_s - t0) * 1e3, cached_prompt_tokens=req.num_cached_prompt,
-                          preemptions=req.num_preemptions)
+                          preemptions=req.num_preemptions,
+                          logprobs=None if req.logprobs is None else list(req.logprobs))
 
     def stats(self) -> dict[str, Any]:
         """Scheduler and KV counters (running/waiting, KV usage, prefix-cache hits, preemptions)."""
@@ -338,7 +358,7 @@ class Engine:
             prompts = [prompts]
         # Scoring reads the next token's logits and generates nothing: reserve one position, not
         # the config's max_new_tokens.
-        params = self.sampling_params(truncate=truncate, max_new_tokens=1)
+        params = self.sampling_params(truncate=truncate, max_new_tokens=1, min_tokens=0)
         seqs = [Sequence(i, p, self.encode_prompt(p, params)) for i, p in enumerate(prompts)]
         step = self.config.batching.max_batch_size
         return [s for start in range(0, len(seqs), step) for s in self.score_batch(seqs[start:start + step], top_k)]
@@ -371,6 +391,7 @@ class Engine:
         sampler = Sampler(params, seeds)
         eos = None if params.ignore_eos else self.tokenizer.eos_token_id
         done: dict[int, Completion] = {}
+        self._start_static(seqs, params)
         self.runner.allocate_kv(len(seqs), max_len)
         try:
             step = prefill_step(seqs, prompt_len)
@@ -378,9 +399,9 @@ class Engine:
             active = list(range(len(seqs)))
             while True:
                 logits = self._execute(step)
-                tokens = sampler(logits, active)
+                tokens, lps = self._sample_static(sampler, logits, seqs, active, params, eos)
                 now = time.perf_counter()
-                still = self._postprocess(seqs, active, tokens, params, eos, budgets, now)
+                still = self._postprocess(seqs, active, tokens, params, eos, budgets, now, lps)
                 for row in active:
                     if seqs[row].finished:
                         done[row] = self._completion(seqs[row], t0)
@@ -402,6 +423,7 @@ class Engine:
         max_len = min(n_prompt + params.max_new_tokens, self.max_positions)
         sampler = Sampler(params, [None if params.seed is None else params.seed + seq.index])
         eos = None if params.ignore_eos else self.tokenizer.eos_token_id
+        self._start_static([seq], params)
         self.runner.allocate_kv(1, max_len)
         try:
             while not seq.finished:
@@ -409,8 +431,8 @@ class Engine:
                 t = ids.shape[1]
                 step = StepInput(ids, np.arange(t, dtype=np.int64)[None], np.ones_like(ids), slot_ids=[0],
                                  past_len=0)
-                tokens = sampler(self._execute(step), [0])
-                self._postprocess([seq], [0], tokens, params, eos, [max_len - n_prompt], time.perf_counter())
+                tokens, lps = self._sample_static(sampler, self._execute(step), [seq], [0], params, eos)
+                self._postprocess([seq], [0], tokens, params, eos, [max_len - n_prompt], time.perf_counter(), lps)
         finally:
             self.runner.free_kv()
         return self._completion(seq, t0)
@@ -423,18 +445,37 @@ class Engine:
         finally:
             self.runner_s += time.perf_counter() - t
 
-    def _postprocess(self, seqs, active, tokens, params, eos, budgets, now) -> list[int]:
+    @staticmethod
+    def _start_static(seqs: list[Sequence], params: SamplingParams) -> None:
+        for s in seqs:
+            s.logprobs = [] if params.logprobs is not None else None
+            s.stop_from = 0
+
+    def _sample_static(self, sampler: Sampler, logits: np.ndarray, seqs: list[Sequence], active: list[int],
+                       params: SamplingParams, eos: int | None) -> tuple[np.ndarray, list[TokenLogprob] | None]:
+        """The rows' next tokens (EOS banned while short of min_tokens) and, if asked, their logprobs
+        of the raw logits. Static rows advance in lockstep: they all have as many output tokens."""
+        short = params.min_tokens > len(seqs[active[0]].output_ids)
+        tokens = sampler(logits, active, ban=eos if short else None)
+        if params.logprobs is None:
+            return tokens, None
+        return tokens, token_logprobs(logits, tokens, [params.logprobs] * len(active))
+
+    def _postprocess(self, seqs, active, tokens, params, eos, budgets, now, lps=None) -> list[int]:
         """Record each row's new token; return the rows that go on (budgets: new tokens per row)."""
         still = []
-        for row, token in zip(active, tokens.tolist()):
+        for i, (row, token) in enumerate(zip(active, tokens.tolist())):
             seq = seqs[row]
             if not seq.output_ids:
                 seq.first_token_s = now
             seq.output_ids.append(token)
             seq.token_s.append(now)
+            if lps is not None:
+                seq.logprobs.append(lps[i])
+            n = len(seq.output_ids)
             if token == eos:
                 seq.finish_reason = "stop"
-            elif params.stop and self._hit_stop(seq, params.stop):
+            elif params.stop and n >= params.min_tokens and self._hit_stop(seq, params.stop, params.min_tokens):
                 seq.finish_reason = "stop"
             elif len(seq.output_ids) >= budgets[row]:
                 seq.finish_reason = "length"
@@ -444,9 +485,14 @@ class Engine:
                 still.append(row)
         return still
 
-    def _hit_stop(self, seq: Sequence, stops: list[str]) -> bool:
+    def _hit_stop(self, seq: Sequence, stops: list[str], min_tokens: int = 0) -> bool:
+        if min_tokens > 1 and len(seq.output_ids) == min_tokens:
+            # As the continuous path's Detokenizer: a stop string is looked for from the text the
+            # first min_tokens - 1 tokens made, less what could begin one (the longest, less a char).
+            before = len(self.tokenizer.decode(seq.output_ids[:min_tokens - 1]))
+            seq.stop_from = max(0, before - (max(len(s) for s in stops) - 1))
         text = self.tokenizer.decode(seq.output_ids)
-        cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
+        cut = min((i for i in (text.find(s, seq.stop_from) for s in stops) if i >= 0), default=-1)
         if cut < 0:
             return False
         seq.text = text[:cut]
@@ -461,7 +507,20 @@ class Engine:
         return Completion(prompt=seq.prompt, text=text, token_ids=list(ids),
                           prompt_token_ids=list(seq.prompt_ids), finish_reason=seq.finish_reason,
                           ttft_ms=(seq.first_token_s - t0) * 1e3, total_ms=(seq.finish_s - t0) * 1e3,
-                          token_times_ms=[(t - t0) * 1e3 for t in seq.token_s])
+                          token_times_ms=[(t - t0) * 1e3 for t in seq.token_s],
+                          logprobs=None if seq.logprobs is None else list(seq.logprobs))
+
+
+def _push_unchecked(detok: Detokenizer, token: int) -> bool:
+    """detok.push(token) without looking for stop strings (min_tokens not reached): the text and the
+    stream's hold-back go on as usual, so a stop string that ends at or after the min_tokens-th
+    token is still found, as in vLLM. Returns False (no stop)."""
+    stops, detok.stop = detok.stop, []
+    try:
+        detok.push(token)
+    finally:
+        detok.stop = stops
+    return False
 
 
 def prefill_step(seqs: list[Sequence], prompt_len: int) -> StepInput:

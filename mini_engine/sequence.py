@@ -1,7 +1,21 @@
 """Per-request state during generation, and the finished result."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class TokenLogprob:
+    """One generated position's log-probabilities (natural log) under the model's raw distribution
+    (log_softmax of the logits before temperature/top-k/top-p and the min_tokens EOS mask)."""
+
+    token_id: int  # the token generated here
+    logprob: float  # its log-probability
+    top: list[tuple[int, float]] = field(default_factory=list)  # (token_id, logprob) x k, best first
+
+    def to_dict(self) -> dict:
+        return {"token_id": self.token_id, "logprob": self.logprob, "top": [[t, lp] for t, lp in self.top]}
 
 
 @dataclass
@@ -19,6 +33,8 @@ class Completion:
     queue_ms: float = 0.0  # arrival to first scheduled (continuous batching)
     cached_prompt_tokens: int = 0  # prompt tokens served by the prefix cache
     preemptions: int = 0  # times the request was preempted and recomputed
+    # One per generated token, when the request asked for logprobs (SamplingParams.logprobs).
+    logprobs: list[TokenLogprob] | None = field(default=None, repr=False)
 
     @property
     def tokens_per_s(self) -> float:
@@ -31,8 +47,11 @@ class Completion:
         return (self.total_ms - self.ttft_ms) / (n - 1) if n > 1 else 0.0
 
     def to_dict(self) -> dict:
-        d = asdict(self)
-        del d["token_times_ms"]
+        """JSON-ready; `logprobs` is there only when it was asked for."""
+        d = asdict(dataclasses.replace(self, token_times_ms=[], logprobs=None))
+        del d["token_times_ms"], d["logprobs"]
+        if self.logprobs is not None:
+            d["logprobs"] = [lp.to_dict() for lp in self.logprobs]
         d["tokens_per_s"] = round(self.tokens_per_s, 2)
         d["tpot_ms"] = round(self.tpot_ms, 3)
         d["ttft_ms"] = round(self.ttft_ms, 3)
@@ -54,6 +73,8 @@ class Sequence:
     first_token_s: float = 0.0
     finish_s: float = 0.0
     token_s: list[float] = field(default_factory=list)  # perf_counter() of each new token
+    logprobs: list[TokenLogprob] | None = None  # one per new token when params.logprobs is set
+    stop_from: int = 0  # min_tokens: where in the text stop strings are looked for
 
     @property
     def finished(self) -> bool:
@@ -84,3 +105,5 @@ class RequestOutput:
     finished: bool = False
     finish_reason: str | None = None
     completion: Completion | None = None  # set on the final output
+    # One per entry of new_token_ids when the request asked for logprobs (SamplingParams.logprobs).
+    logprobs: list[TokenLogprob] | None = None

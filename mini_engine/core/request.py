@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..sampling import SamplingParams
+from ..sequence import TokenLogprob
 
 
 class RequestStatus(enum.Enum):
@@ -36,6 +37,7 @@ class Request:
     first_token_s: float = 0.0
     finish_s: float = 0.0
     token_s: list[float] = field(default_factory=list)
+    logprobs: list[TokenLogprob] | None = None  # one per output token when params.logprobs is set
     generator: Any = None  # numpy Generator for sampled (non-greedy) rows, seeded per request
     state: Any = None  # the engine's per-request extras (detokenizer, stream)
 
