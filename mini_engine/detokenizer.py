@@ -20,8 +20,11 @@ class Detokenizer:
         self.sent = 0  # characters of `text` already handed out
         self.stopped_at: int | None = None  # where a stop string cut the text
 
-    def push(self, token: int) -> bool:
-        """Add a generated token; True when a stop string has appeared (the text is cut before it)."""
+    def push(self, token: int, check_stop: bool = True) -> bool:
+        """Add a generated token; True when a stop string has appeared (the text is cut before it).
+
+        check_stop=False (min_tokens not reached yet) grows the text without looking, so a stop
+        string that ends at or after the min_tokens-th token is still found later, as in vLLM."""
         if self.stopped_at is not None:
             return True
         self.pending.append(token)
@@ -33,7 +36,7 @@ class Detokenizer:
         self.pending = []
         start = max(0, len(self.text) - self.holdback)
         text = self.text = self.text + piece
-        if self.stop:
+        if self.stop and check_stop:
             hits = [i for i in (text.find(s, start) for s in self.stop) if i >= 0]
             if hits:
                 self.stopped_at = min(hits)

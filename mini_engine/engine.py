@@ -279,7 +279,7 @@ class Engine:
             reason = None
             if token == eos and not p.ignore_eos:
                 reason = "stop"  # the EOS token is returned, its text is not
-            elif detok.push(token) if len(req.output_ids) >= p.min_tokens else _push_unchecked(detok, token):
+            elif detok.push(token, check_stop=len(req.output_ids) >= p.min_tokens):
                 reason = "stop"
             elif len(req.output_ids) >= p.max_new_tokens or req.num_tokens >= self.max_positions:
                 reason = "length"
@@ -509,18 +509,6 @@ class Engine:
                           ttft_ms=(seq.first_token_s - t0) * 1e3, total_ms=(seq.finish_s - t0) * 1e3,
                           token_times_ms=[(t - t0) * 1e3 for t in seq.token_s],
                           logprobs=None if seq.logprobs is None else list(seq.logprobs))
-
-
-def _push_unchecked(detok: Detokenizer, token: int) -> bool:
-    """detok.push(token) without looking for stop strings (min_tokens not reached): the text and the
-    stream's hold-back go on as usual, so a stop string that ends at or after the min_tokens-th
-    token is still found, as in vLLM. Returns False (no stop)."""
-    stops, detok.stop = detok.stop, []
-    try:
-        detok.push(token)
-    finally:
-        detok.stop = stops
-    return False
 
 
 def prefill_step(seqs: list[Sequence], prompt_len: int) -> StepInput:

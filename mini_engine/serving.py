@@ -106,7 +106,7 @@ class BatchedEngine:
             return future
         params = self.params if max_new_tokens is None else dataclasses.replace(self.params, max_new_tokens=max_new_tokens)
         if self.mode == "forward":
-            params = dataclasses.replace(params, max_new_tokens=1)  # scoring reads one next token
+            params = dataclasses.replace(params, max_new_tokens=1, min_tokens=0)  # scoring reads one next token
         ids = self.engine.encode_prompt(prompt, params) if isinstance(prompt, str) else \
             self.engine.check_prompt_ids(prompt, params)
         seq = Sequence(next(self._ids), prompt if isinstance(prompt, str) else "", ids, max_new_tokens=max_new_tokens)

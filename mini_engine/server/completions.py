@@ -15,6 +15,7 @@ from typing import AsyncIterator
 from fastapi import Request
 from fastapi.responses import JSONResponse
 
+from ..errors import MiniEngineError
 from ..sampling import SamplingParams
 from ..sequence import Completion
 from .errors import APIError, error_body
@@ -26,14 +27,17 @@ ENDPOINT = "/v1/completions"
 
 
 def sampling_params(req: CompletionRequest, state: ServerState) -> SamplingParams:
+    # Every field from the request (OpenAI's defaults where it is silent), none from the config's
+    # [generation] defaults: a client gets the same answer from any server it talks to.
     try:
-        return state.core.sampling_params(
-            max_new_tokens=req.max_tokens, temperature=req.temperature if req.temperature is not None else 1.0,
+        return SamplingParams(
+            max_new_tokens=req.max_tokens if req.max_tokens is not None else 16,
+            temperature=req.temperature if req.temperature is not None else 1.0,
             top_p=req.top_p if req.top_p is not None else 1.0,
             top_k=max(req.top_k or 0, 0),  # vLLM's -1 and 0 both mean off
             seed=req.seed, stop=list(req.stop or []), ignore_eos=req.ignore_eos, truncate=req.truncate,
             logprobs=req.logprobs, min_tokens=req.min_tokens)
-    except Exception as e:  # noqa: BLE001 - a ConfigError names the field
+    except MiniEngineError as e:  # a ConfigError names the field
         raise APIError(400, str(e)) from None
 
 
@@ -184,6 +188,8 @@ def _logprobs(state: ServerState, positions, offset: int, k: int) -> CompletionL
         top: dict[str, float] = {}
         for tid, lp in p.top[:k]:
             top.setdefault(tok.decode([tid]), lp)
+        if k:
+            top.setdefault(s, p.logprob)  # as OpenAI: the sampled token is always there (k + 1 at most)
         out.top_logprobs.append(top if k else None)
         out.text_offset.append(at)
         at += len(s)

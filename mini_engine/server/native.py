@@ -11,6 +11,8 @@ from typing import AsyncIterator
 from fastapi import Request
 from fastapi.responses import JSONResponse
 
+from ..errors import MiniEngineError
+from ..sampling import SamplingParams
 from ..sequence import Completion
 from .errors import APIError, error_body
 from .protocol import GenerateRequest, GenerateResponse, Usage
@@ -19,10 +21,10 @@ from .state import ClientGone, EventStream, ServerState, Ticket
 
 def _params(req: GenerateRequest, state: ServerState):
     try:
-        return state.core.sampling_params(max_new_tokens=req.max_new_tokens, temperature=req.temperature,
-                                          top_k=req.top_k, top_p=req.top_p, seed=req.seed, stop=list(req.stop),
-                                          ignore_eos=req.ignore_eos, truncate=req.truncate)
-    except Exception as e:  # noqa: BLE001 - a ConfigError names the field
+        return SamplingParams(max_new_tokens=req.max_new_tokens, temperature=req.temperature, top_k=req.top_k,
+                              top_p=req.top_p, seed=req.seed, stop=list(req.stop), ignore_eos=req.ignore_eos,
+                              truncate=req.truncate)
+    except MiniEngineError as e:  # a ConfigError names the field
         raise APIError(400, str(e)) from None
 
 
