@@ -83,14 +83,19 @@ def gqa_io_contract(cfg: GPT2Config) -> dict[str, list[dict[str, Any]]]:
 
 
 def export_request(source: ModelSource, opset: int, precision: str, optimize: bool, exporter: str,
-                   logits: str = "all", kv_cache: str = "concat") -> dict:
-    """What identifies an export: re-running with an equal request reuses the files."""
+                   logits: str = "all", kv_cache: str = "concat", quantization: dict | None = None) -> dict:
+    """What identifies an export: re-running with an equal request reuses the files.
+
+    `quantization`: onnx_quantize.QuantSpec.request() (method, bits, block size, lm_head,
+    symmetric) for an int8/int4 export; part of the request, so of the backend's cache key."""
     request = {"model_fingerprint": source.fingerprint(), "opset": opset, "precision": precision,
                "optimize": optimize, "exporter": exporter, "format": FORMAT_VERSION}
     if logits != "all":  # absent = all, so exports made before the option still match
         request["logits"] = logits
     if kv_cache != "concat":  # absent = concat, likewise
         request["kv_cache"] = kv_cache
+    if quantization is not None:
+        request["quantization"] = dict(quantization)
     return request
 
 
@@ -113,7 +118,11 @@ def versions() -> dict[str, str | None]:
 
 
 def build_manifest(source: ModelSource, directory: Path, request: dict, optimization: dict,
-                   validation: dict | None) -> dict:
+                   validation: dict | None, quantization: dict | None = None) -> dict:
+    """`quantization`: what onnx_quantize.quantize_model did (method, bits, block size, scales,
+    which weights, lm_head), None for float exports."""
+    from .onnx_quantize import weight_bytes_per_step
+
     files = sorted(p.name for p in directory.iterdir() if p.is_file() and p.name != MANIFEST)
     return {
         "format": FORMAT_VERSION,
@@ -124,6 +133,10 @@ def build_manifest(source: ModelSource, directory: Path, request: dict, optimiza
         "opset": request["opset"],
         "exporter": request["exporter"],
         "precision": request["precision"],
+        "quantization": quantization,
+        # Bytes of weights a decode step reads whole (embedding tables only gathered from excluded):
+        # what the backend reports as weight_bytes, so bandwidth figures stay honest per precision.
+        "weight_bytes_per_step": weight_bytes_per_step(directory / MODEL_FILE),
         "optimization": optimization,
         "kv_cache": KV_CACHE_CONTRACTS[request.get("kv_cache", "concat")],
         "io": io_contract(source.config, request["precision"], request.get("logits", "all"))
@@ -163,6 +176,15 @@ class Manifest:
     @property
     def precision(self) -> str:
         return self.data.get("precision", "float32")
+
+    @property
+    def quantization(self) -> dict | None:
+        """onnx_quantize's record (method, bits, block_size, lm_head, ...) or None (float weights)."""
+        return self.data.get("quantization")
+
+    @property
+    def weight_bytes_per_step(self) -> int | None:
+        return self.data.get("weight_bytes_per_step")
 
     @property
     def kv_cache(self) -> str:

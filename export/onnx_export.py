@@ -63,7 +63,7 @@ def in_cache(out: Path) -> bool:
 def export_onnx(source: ModelSource, out: Path, opset: int = DEFAULT_OPSET, optimize: bool = False,
                 fp16: bool = False, validate: bool = True, force: bool = False, exporter: str = "dynamo",
                 logits: str = "all", log: Callable[[str], None] = lambda s: None,
-                cache: bool | None = None, kv_cache: str = "concat") -> ExportResult:
+                cache: bool | None = None, kv_cache: str = "concat", quantize=None) -> ExportResult:
     """Export `source` into directory `out` (reusing an identical earlier export unless `force`).
 
     `kv_cache`: "concat" (the torch.onnx export of GPT2.forward: present = past ++ new) or "gqa"
@@ -72,6 +72,10 @@ def export_onnx(source: ModelSource, out: Path, opset: int = DEFAULT_OPSET, opti
 
     `cache`: `out` is a cache entry made on first use rather than a directory the user chose
     (None: when it lies in the default cache), which changes what the messages tell the user.
+
+    `quantize`: an onnx_quantize.QuantSpec (int8 / int4 weights with ONNX Runtime's quantizers,
+    applied to either contract's float32 graph, validated against the float32 PyTorch forward
+    within quantization error), or None for float weights.
     """
     if source.kind == "onnx":
         raise ConfigError(f"'{source.spec}' is already an ONNX export; pass the checkpoint or random:<preset>")
@@ -83,6 +87,9 @@ def export_onnx(source: ModelSource, out: Path, opset: int = DEFAULT_OPSET, opti
         raise ConfigError(f"logits must be one of {', '.join(mf.LOGITS_MODES)}, got '{logits}'")
     if kv_cache not in mf.KV_CACHE_CONTRACTS:
         raise ConfigError(f"kv_cache must be one of {', '.join(mf.KV_CACHE_CONTRACTS)}, got '{kv_cache}'")
+    if quantize is not None and fp16:
+        raise ConfigError("--quantize and --fp16 exclude each other: quantized exports keep float32 activations "
+                          "and KV")
     if kv_cache == "gqa":
         if fp16 or optimize or logits != "last":
             raise ConfigError("--kv-cache gqa exports float32 with last-token logits and its own fused graph; "
@@ -95,8 +102,9 @@ def export_onnx(source: ModelSource, out: Path, opset: int = DEFAULT_OPSET, opti
         opset, exporter = GQA_OPSET, "gqa-builder"
     out = Path(out).expanduser()
     cache = in_cache(out) if cache is None else cache
-    precision = "float16" if fp16 else "float32"
-    request = mf.export_request(source, opset, precision, optimize, exporter, logits, kv_cache)
+    precision = quantize.precision if quantize is not None else "float16" if fp16 else "float32"
+    request = mf.export_request(source, opset, precision, optimize, exporter, logits, kv_cache,
+                                quantize.request() if quantize is not None else None)
     existing = mf.Manifest.read(out) if out.is_dir() else None
     if existing is not None and not force:
         if existing.matches(request) and (existing.data.get("validation") or {}).get("passed", True):
@@ -166,6 +174,10 @@ def _export_into(source: ModelSource, tmp: Path, request: dict, optimize: bool, 
         from .optimize import optimize_gpt2
 
         optimization = optimize_gpt2(path, cfg, external, log)
+    quantization = None
+    if "quantization" in request:
+        # After fusion, like float16: the optimizer's patterns are written for float32 graphs.
+        quantization = _quantize_file(path, request, cfg, log)
     if request["precision"] == "float16":
         # After fusion: the optimizer's patterns are written for float32 graphs.
         _save(to_float16(onnx.load(str(path))), path, external)
@@ -180,9 +192,29 @@ def _export_into(source: ModelSource, tmp: Path, request: dict, optimize: bool, 
         for line in report.table().splitlines():
             log(line)
     manifest = mf.Manifest(tmp, mf.build_manifest(source, tmp, request, optimization,
-                                                  report.summary() if report else None))
+                                                  report.summary() if report else None, quantization))
     manifest.write()
     return ExportResult(tmp, manifest, reused=False, validation=report)
+
+
+def _quantize_file(path: Path, request: dict, cfg, log) -> dict:
+    """Quantize the float32 graph at `path` in place (onnx_quantize); returns the manifest record."""
+    import onnx
+
+    from .onnx_quantize import QuantizeError, QuantSpec, quantize_model
+
+    spec = QuantSpec.from_request(request["precision"], request["quantization"])
+    t0 = time.perf_counter()
+    try:
+        proto, record = quantize_model(onnx.load(str(path)), spec, cfg, log, tmp_dir=path.parent)
+    except QuantizeError as e:
+        raise ExportError(f"quantization failed: {e}") from None
+    for f in path.parent.glob(path.name + "*"):
+        f.unlink()
+    _save(proto, path, proto.ByteSize() > EXTERNAL_DATA_BYTES)
+    del proto
+    log(f"quantized in {time.perf_counter() - t0:.1f} s: {path.stat().st_size / 1e6:.0f} MB")
+    return record
 
 
 def _export_gqa_into(source, model, tmp: Path, request: dict, validate: bool, external: bool, log) -> ExportResult:
@@ -193,13 +225,24 @@ def _export_gqa_into(source, model, tmp: Path, request: dict, validate: bool, ex
     path = build_gqa_graph(model, tmp / mf.MODEL_FILE, external_data=external)
     log(f"built in {time.perf_counter() - t0:.1f} s: {path.stat().st_size / 1e6:.0f} MB"
         + (" + external data" if external else ""))
+    quantization = _quantize_file(path, request, source.config, log) if "quantization" in request else None
     _copy_tokenizer(source, tmp)
-    report = GqaValidation(validate_gqa_graph(path, model)) if validate else None
+    precision = request["precision"]
+    report = None
+    if validate:
+        from .onnx_gqa import cpu_session
+        from .validate import decode_check
+
+        session = cpu_session(path)
+        report = GqaValidation(validate_gqa_graph(path, model, session=session, precision=precision), precision,
+                               decode_check(session, model, source.config, precision, "gqa")
+                               if quantization is not None else None)
+        del session
     if report is not None:
         for line in report.table().splitlines():
             log(line)
     manifest = mf.Manifest(tmp, mf.build_manifest(source, tmp, request, {"requested": False, "applied": False},
-                                                  report.summary() if report else None))
+                                                  report.summary() if report else None, quantization))
     manifest.write()
     return ExportResult(tmp, manifest, reused=False, validation=report)
 

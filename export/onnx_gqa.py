@@ -347,44 +347,77 @@ class StepResult:
     logits_diff: float
     kv_diff: float
     tol: float
+    rel_err: float = 0.0  # onnx_quantize.logit_stats' relative logit error of the step's active rows
+    top1: float = 1.0
+    precision: str = "float32"
 
     @property
     def passed(self) -> bool:
+        if self.precision != "float32":  # quantized: within quantization error (onnx_quantize.LIMITS)
+            from .onnx_quantize import LIMITS
+
+            return self.rel_err <= LIMITS[self.precision]["rel_err"]
         return self.logits_diff <= self.tol and self.kv_diff <= self.tol
 
 
 @dataclass
 class GqaValidation:
-    """validate_gqa_graph's steps with the interface of validate.Report (table, summary, failure)."""
+    """validate_gqa_graph's steps with the interface of validate.Report (table, summary, failure).
+
+    A quantized graph (precision int8/int4) passes on its relative logit error per step and on
+    `decode`, validate.DecodeCheck's teacher-forced top-1 agreement (onnx_quantize.LIMITS)."""
 
     steps: list[StepResult]
+    precision: str = "float32"
+    decode: object | None = None  # validate.DecodeCheck for quantized graphs
 
     @property
     def passed(self) -> bool:
-        return all(r.passed for r in self.steps)
+        return all(r.passed for r in self.steps) and (self.decode is None or self.decode.passed)
 
     def failure(self) -> str:
+        if self.precision != "float32":
+            from .validate import quantized_failure
+
+            worst = max(self.steps, key=lambda r: r.rel_err)
+            return quantized_failure(self.precision, worst.rel_err, f"step {worst.step} (new tokens per row "
+                                     f"{worst.new_tokens})", self.decode)
         r = max(self.steps, key=lambda r: max(r.logits_diff, r.kv_diff) / r.tol)
         return (f"step {r.step} (new tokens per row {r.new_tokens}): max |logits diff| {r.logits_diff:.2e}, "
                 f"max |KV diff| {r.kv_diff:.2e} > {r.tol:.1e}")
 
     def table(self) -> str:
-        lines = ["validation vs the PyTorch forward (float32, CPUExecutionProvider; rows of one step have their "
-                 "own cached lengths and new-token counts):",
-                 "step  new tokens per row  rows  max|dlogits|  max|dKV|  tolerance  result"]
+        quant = self.precision != "float32"
+        if quant:
+            from .onnx_quantize import LIMITS
+
+            limit = LIMITS[self.precision]["rel_err"]
+        lines = [f"validation vs the PyTorch forward ({self.precision} graph vs float32 forward, CPUExecutionProvider; "
+                 "rows of one step have their own cached lengths and new-token counts):",
+                 "step  new tokens per row  rows  max|dlogits|  max|dKV|  " +
+                 ("rel.err  top-1  limit  result" if quant else "tolerance  result")]
         for r in self.steps:
-            lines.append(f"{r.step:>4}  {str(r.new_tokens):>18}  {r.rows[0]}:{r.rows[1]:<3} {r.logits_diff:>11.2e}  "
-                         f"{r.kv_diff:>8.2e}  {r.tol:>9.1e}  {'pass' if r.passed else 'FAIL'}")
+            lead = (f"{r.step:>4}  {str(r.new_tokens):>18}  {r.rows[0]}:{r.rows[1]:<3} {r.logits_diff:>11.2e}  "
+                    f"{r.kv_diff:>8.2e}  ")
+            tail = (f"{r.rel_err:>7.4f}  {r.top1:>5.0%}  {limit:>5.2f}" if quant else f"{r.tol:>9.1e}")
+            lines.append(lead + tail + f"  {'pass' if r.passed else 'FAIL'}")
+        if self.decode is not None:
+            lines.append(self.decode.line())
         return "\n".join(lines)
 
     def summary(self) -> dict:
-        return {"passed": self.passed, "provider": "CPUExecutionProvider", "cases": len(self.steps),
-                "max_logits_diff": max((r.logits_diff for r in self.steps), default=0.0),
-                "max_kv_diff": max((r.kv_diff for r in self.steps), default=0.0)}
+        out = {"passed": self.passed, "provider": "CPUExecutionProvider", "cases": len(self.steps),
+               "max_logits_diff": max((r.logits_diff for r in self.steps), default=0.0),
+               "max_kv_diff": max((r.kv_diff for r in self.steps), default=0.0)}
+        if self.precision != "float32":
+            out.update(precision=self.precision, max_rel_err=max((r.rel_err for r in self.steps), default=0.0))
+            if self.decode is not None:
+                out["decode"] = self.decode.summary()
+        return out
 
 
 def validate_gqa_graph(path, model, scenario=SCENARIO, capacity: int = 32, seed: int = 0,
-                       session=None) -> list[StepResult]:
+                       session=None, precision: str = "float32") -> list[StepResult]:
     """Run `scenario` through the graph and compare every active row with the PyTorch forward.
 
     The reference recomputes each row from scratch without padding (GPT2.forward over the row's
@@ -412,6 +445,7 @@ def validate_gqa_graph(path, model, scenario=SCENARIO, capacity: int = 32, seed:
             history[b] += tokens
         worst = kv_worst = 0.0
         scale = 1.0
+        got_rows, ref_rows = [], []
         with torch.no_grad():
             for j, b in enumerate(range(lo, hi)):
                 if not counts[b]:
@@ -419,11 +453,17 @@ def validate_gqa_graph(path, model, scenario=SCENARIO, capacity: int = 32, seed:
                 ids = torch.tensor([history[b]])
                 ref, present = module(ids, torch.arange(len(history[b]))[None], torch.ones_like(ids))
                 ref = ref[0, -1].numpy()
+                got_rows.append(logits[j])
+                ref_rows.append(ref)
                 scale = max(scale, float(np.abs(ref).max()))
                 worst = max(worst, float(np.abs(logits[j] - ref).max()))
                 n = len(history[b])
                 for i, (k, v) in enumerate(present):
                     kv_worst = max(kv_worst, float(np.abs(kv.keys[i][b, :, :n] - k[0].numpy()).max()),
                                    float(np.abs(kv.values[i][b, :, :n] - v[0].numpy()).max()))
-        results.append(StepResult(step, tuple(counts), (lo, hi), worst, kv_worst, TOLERANCE * scale))
+        from .onnx_quantize import logit_stats
+
+        stats = logit_stats(np.stack(got_rows), np.stack(ref_rows))
+        results.append(StepResult(step, tuple(counts), (lo, hi), worst, kv_worst, TOLERANCE * scale,
+                                  stats["rel_err"], stats["top1"], precision))
     return results
