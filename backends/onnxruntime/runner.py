@@ -22,10 +22,20 @@ from pathlib import Path
 import numpy as np
 
 from mini_engine.devices import cuda_unavailable_reason, module_installed, package_version
-from mini_engine.errors import ConfigError, MiniEngineError, ModelNotFound
+from mini_engine.errors import BackendUnavailable, ConfigError, MiniEngineError, ModelNotFound
 from mini_engine.runner import Availability, Runner, StepInput
 
 from .paged_slots import PagedSlots
+
+QUANTIZED = ("int8", "int4")
+
+
+def _has_vnni() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_vnni" in flags or " avx_vnni" in flags
 
 
 @dataclass
@@ -50,8 +60,15 @@ class OrtOptions:
     trt_max_seq_len: int = 0  # 0 = the model's context window
     # KV-cache contract of the export that serves generation: "gqa" (continuous batching over
     # GroupQueryAttention with caches written in place), "concat" (static batching only), or
-    # "auto" (gqa on CPU in float32 where this onnxruntime's GroupQueryAttention can run it).
+    # "auto" (gqa on CPU in float32, int8 or int4 where this onnxruntime's GroupQueryAttention can run it).
     kv_cache: str = "auto"
+    # model.dtype int8 / int4: how the export made on first use is quantized (onnx_quantize.py;
+    # part of the cache key). "" / 0 = the measured defaults: int8 dynamic (quantize_dynamic, W8A8
+    # MatMulInteger), int4 matmulnbits (weight-only MatMulNBits, accuracy_level 4) with block size
+    # 32; lm_head quantized.
+    quant_method: str = ""  # "" | dynamic (int8 only) | matmulnbits
+    quant_block_size: int = 0
+    quantize_lm_head: bool = True
 
     def __post_init__(self):
         from .session import LEVELS
@@ -71,6 +88,13 @@ class OrtOptions:
             raise ConfigError(f"backend.options.kv_cache must be auto, gqa or concat, got '{self.kv_cache}'")
         if self.trt_max_batch_size < 1 or self.trt_max_seq_len < 0:
             raise ConfigError("backend.options.trt_max_batch_size must be >= 1 and trt_max_seq_len >= 0")
+        from mini_engine_export.onnx_quantize import METHODS
+
+        if self.quant_method not in ("",) + METHODS:
+            raise ConfigError(f"backend.options.quant_method must be one of {', '.join(METHODS)}, "
+                              f"got '{self.quant_method}'")
+        if self.quant_block_size < 0:
+            raise ConfigError("backend.options.quant_block_size must be >= 0 (0 = the default, 32)")
 
 
 class OrtRunner(PagedSlots, Runner):
@@ -94,10 +118,17 @@ class OrtRunner(PagedSlots, Runner):
         from . import session as s
 
         if self.config.dtype == "bfloat16":
-            raise ConfigError("the onnxruntime backend runs float32 or float16 (CUDA) exports, not bfloat16")
+            raise ConfigError("the onnxruntime backend runs float32, float16 (CUDA), int8 or int4 (CPU) exports, "
+                              "not bfloat16")
         self.device_kind, self.device_id = s.device_type(self.config.device)
         if self.config.dtype == "float16" and self.device_kind != "cuda":
             raise ConfigError("float16 ONNX graphs need --device cuda; on CPU use float32")
+        if self.config.dtype in QUANTIZED and self.device_kind != "cpu":
+            raise ConfigError(f"--dtype {self.config.dtype} on onnxruntime runs on CPU only (MatMulNBits int8/int4 "
+                              f"exports, MLAS kernels); use --device cpu, or float16 on {self.config.device}")
+        if self.config.dtype in QUANTIZED and self.options.providers not in ([], ["CPUExecutionProvider"]):
+            raise ConfigError(f"--dtype {self.config.dtype} on onnxruntime runs on CPUExecutionProvider only, "
+                              f"not {self.options.providers[0]}")
         self.cache_root = s.cache_root(self.options.cache_dir)
         self.providers = s.choose_providers(self.options.providers, self.config.device)
         self.spinning = s.resolve_spinning(self.options.allow_spinning)
@@ -107,6 +138,8 @@ class OrtRunner(PagedSlots, Runner):
         self.layout: list[int] = []
         self.cached_len = 0
         self.given_export = given = self._given_export()
+        if given is not None:
+            self._check_precision(given)
         self.gqa_export, self.paged_reason = None, None
         if given is not None and given.kv_cache == "gqa":
             if self.options.kv_cache == "concat":
@@ -131,16 +164,78 @@ class OrtRunner(PagedSlots, Runner):
                 self._load_static(self._export_to_cache(self.config.model, "concat"))
         if self.gqa_export is not None:
             self._load_gqa(self.gqa_export)
-        self.precision = (self.export or self.gqa_export).precision
-        self.onnx_file = (self.export or self.gqa_export).model_file
+        serving = self.gqa_export or self.export
+        self.precision = serving.precision
+        self.quantization = serving.quantization
+        self.onnx_file = serving.model_file
+
+    def _check_precision(self, manifest) -> None:
+        """An export named explicitly runs at its manifest's precision. model.dtype float32 (the
+        default) accepts any; another dtype must be the manifest's, and a quantized manifest must
+        describe the graph it sits beside."""
+        want, got = self.config.dtype, manifest.precision
+        if want != "float32" and want != got:
+            how = (f"`mini-engine export onnx --quantize {want}` makes one, or give the checkpoint and "
+                   f"--dtype {want} exports on first use" if want in QUANTIZED else "re-export or drop --dtype")
+            raise ModelNotFound(f"the export in '{manifest.directory}' is {got} but model.dtype is {want}; {how}")
+        if got in QUANTIZED:
+            self._check_quantized_graph(manifest)
+            self.config.dtype = got  # describe(), bench metadata and KV sizing read the precision run
+        elif got == "float16" and self.device_kind != "cuda":
+            raise ConfigError(f"the export in '{manifest.directory}' is float16, which needs --device cuda")
+
+    @staticmethod
+    def _check_quantized_graph(manifest) -> None:
+        """The quantized nodes the manifest records must be in the graph (one line if not)."""
+        import onnx
+
+        record = manifest.quantization or {}
+        ops = set(record.get("quantized_ops") or ())
+        try:
+            proto = onnx.load(str(manifest.model_file), load_external_data=False)
+        except Exception as e:  # noqa: BLE001 - any parse failure is a damaged export
+            raise ModelNotFound(f"cannot load '{manifest.model_file}': not a valid ONNX model "
+                                f"({str(e).splitlines()[0][:120] if str(e) else type(e).__name__}); re-export with "
+                                f"`mini-engine export onnx --quantize {manifest.precision} --force`") from None
+        found = sum(n.op_type in ops for n in proto.graph.node)
+        if not record or not ops or found != record.get("quantized_nodes"):
+            raise ModelNotFound(f"the export in '{manifest.directory}' does not match its manifest: it says "
+                                f"{manifest.precision} with {record.get('quantized_nodes', '?')} quantized matmuls "
+                                f"({', '.join(sorted(ops)) or 'none recorded'}), the graph has {found}; re-export "
+                                f"with `mini-engine export onnx --quantize {manifest.precision} --force`")
+
+    def _quant_spec(self):
+        from mini_engine_export.onnx_quantize import QuantSpec
+
+        if self.config.dtype not in QUANTIZED:
+            return None
+        o = self.options
+        return QuantSpec.make(self.config.dtype, o.quant_method or None, o.quant_block_size or None,
+                              o.quantize_lm_head)
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of weights one decode step reads. int8/int4: from the export being run (its
+        manifest: the quantized weights with their scales, biases and LayerNorms; the float32
+        embedding tables only gathered from are not read whole), so bandwidth figures stay honest.
+        float: the parameter count times the element size, as every backend counts it."""
+        if self.config.dtype not in QUANTIZED:
+            return super().weight_bytes
+        export = (self.gqa_export or self.export) if self.is_loaded else None
+        if export is not None and export.weight_bytes_per_step:
+            return export.weight_bytes_per_step
+        # Not loaded yet: the same accounting from the shapes.
+        from mini_engine_export.onnx_quantize import estimate_weight_bytes
+
+        return estimate_weight_bytes(self.config.model.config, self._quant_spec())
 
     def _gqa_problem(self) -> str | None:
         """Why the gqa export cannot serve this configuration, or None."""
         if self.options.kv_cache == "concat":
             return "backend.options.kv_cache = 'concat' (static batching)"
-        if self.device_kind != "cpu" or self.config.dtype != "float32":
-            return ("the gqa export runs on CPU in float32 (CUDA's GroupQueryAttention takes float16 only; "
-                    "untested here)")
+        if self.device_kind != "cpu" or self.config.dtype not in ("float32",) + QUANTIZED:
+            return ("the gqa export runs on CPU in float32, int8 or int4 (CUDA's GroupQueryAttention takes float16 "
+                    "only; untested here)")
         from mini_engine_export.onnx_gqa import runtime_problem
 
         return runtime_problem()
@@ -213,18 +308,25 @@ class OrtRunner(PagedSlots, Runner):
         from mini_engine_export.onnx_export import DEFAULT_OPSET, export_onnx
         from mini_engine_export.onnx_gqa import DEFAULT_OPSET as GQA_OPSET
 
-        precision = "float16" if self.config.dtype == "float16" else "float32"
+        spec = self._quant_spec()
+        precision = spec.precision if spec else "float16" if self.config.dtype == "float16" else "float32"
         gqa = kv_cache == "gqa"
         opset, optimize, logits = (GQA_OPSET, False, "last") if gqa else (DEFAULT_OPSET, self.options.optimize,
                                                                           self.options.logits)
+        # The request holds the quantization (method, bits, block size, lm_head): so does the cache key.
         request = export_request(source, opset, precision, optimize, "gqa-builder" if gqa else "dynamo", logits,
-                                 kv_cache)
-        key = hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()[:16]
+                                 kv_cache, spec.request() if spec else None)
+        keyed = dict(request)
+        if spec is not None and spec.method == "dynamic":
+            # MLAS's u8 x s8 kernels differ with VNNI (exact) and without (VPMADDUBSW, int16 pair sums
+            # that can saturate): a machine of the other kind exports and validates its own copy.
+            keyed["cpu_int8_dot"] = "vnni" if _has_vnni() else "no-vnni"
+        key = hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:16]
         out = self.cache_root / "onnx" / key
         import click
 
         result = export_onnx(source, out, opset=opset, optimize=optimize, fp16=precision == "float16",
-                             validate=True, logits=logits, kv_cache=kv_cache,
+                             validate=True, logits=logits, kv_cache=kv_cache, quantize=spec,
                              log=lambda line: click.echo(f"[onnx export] {line}", err=True))
         return result.manifest
 
@@ -324,8 +426,14 @@ class OrtRunner(PagedSlots, Runner):
             import onnxruntime
 
             session = self.gqa_session or self.session
+            q = self.quantization
             info.update(onnxruntime=onnxruntime.__version__, providers=session.get_providers(),
-                        onnx=str(self.onnx_file), precision=self.precision, spinning=self.spinning,
+                        onnx=str(self.onnx_file), precision=self.precision, dtype=self.precision,
+                        quantization=None if q is None else {
+                            k: q.get(k) for k in ("method", "bits", "block_size", "lm_head", "symmetric",
+                                                  "accuracy_level", "quantized_nodes", "quantized_ops",
+                                                  "activations", "scales", "description")},
+                        weight_bytes_per_step=self.weight_bytes, spinning=self.spinning,
                         kv_cache="gqa-v1 (continuous batching)" if self.gqa_export is not None else "concat-v1",
                         static_export=str(self.export.model_file) if self.export is not None else "on first use",
                         optimization=self.export.data.get("optimization") if self.export is not None else None)
