@@ -48,3 +48,40 @@ def test_bad_compare_input_is_one_line(args, message):
     lines = [line for line in proc.stderr.splitlines() if line.strip() and not line.startswith(("note:", "running"))]
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert len(lines) == 1 and message in lines[0], proc.stderr
+
+
+def test_precision_variants_as_targets_report_accuracy_against_float32(tmp_path):
+    """torch:cpu@float32 is the reference; the int8 target is held to quantization limits, not --atol."""
+    proc = run_cli("compare", "--model", "random:tiny", "--targets", "torch:cpu@float32,onnxruntime:cpu@int8",
+                   "-n", 3, "--json", "--set", f'backend.options.onnxruntime.cache_dir="{tmp_path}"', check=True)
+    report = json.loads(proc.stdout)
+    assert report["reference"] == "torch:cpu@float32" and report["passed"]
+    rows = {b["backend"]: b for b in report["backends"]}
+    assert rows["onnxruntime:cpu@int8"]["dtype"] == "int8" and rows["torch:cpu@float32"]["dtype"] == "float32"
+    assert rows["onnxruntime:cpu@int8"]["quantization"]["bits"] == 8
+    # seeded random weights: no perplexity, and the report says why
+    assert rows["torch:cpu@float32"]["perplexity"] is None and "meaningless" in report["perplexity_note"]
+    (pair,) = report["pairs"]
+    assert (pair["a"], pair["b"]) == ("torch:cpu@float32", "onnxruntime:cpu@int8")
+    for key in ("max_abs_diff", "mean_abs_diff", "top1_agreement", "top1_per_step", "prompts_identical",
+                "first_divergence", "token_agreement"):
+        assert key in pair
+    assert len(pair["top1_per_step"]) == 3 and pair["criterion"].startswith("int8")
+    text = pair["text"]
+    assert text["positions"] > 50 and 0 <= text["kl_mean"] <= text["kl_max"] < 1e-2
+    assert text["top1_agreement"] >= 0.8 and text["rel_logit_error"] < 0.1
+    table = run_cli("compare", "--model", "random:tiny", "--targets", "torch:cpu@float32,onnxruntime:cpu@int8",
+                    "-n", 2, "--set", f'backend.options.onnxruntime.cache_dir="{tmp_path}"', check=True).stdout
+    for column in ("dtype", "perplexity", "token agreement", "first divergence", "KL mean", "rel. logit error"):
+        assert column in table
+
+
+def test_compare_perplexity_on_a_checkpoint_and_a_bad_precision(hf_dir):
+    proc = run_cli("compare", "--model", hf_dir, "--targets", "torch:cpu,torch:cpu@bfloat16", "-n", 2, "--json",
+                   "--atol", "100", check=True)
+    report = json.loads(proc.stdout)
+    ppl = [b["perplexity"] for b in report["backends"]]
+    # A checkpoint gets perplexities; this one's seeded weights put them near the vocabulary size, said so.
+    assert all(p and p > 1000 for p in ppl) and "vocabulary" in report["perplexity_note"]
+    bad = run_cli("compare", "--model", "random:tiny", "--targets", "torch:cpu,torch:cpu@int3")
+    assert bad.returncode != 0 and "'@int3' must be one of" in bad.stderr and "Traceback" not in bad.stderr
