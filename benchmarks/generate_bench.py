@@ -17,6 +17,13 @@ engine overhead (wall time not spent inside the runner: scheduling, sampling, bo
 mini-engine targets run the engine's generation path: continuous batching where the backend
 has the paged contract, else static batching; `@path=static` forces the static path
 (Engine.generate_batch) for comparison, e.g. torch:cpu@path=static.
+
+Precision per target: `@int8` (or `@dtype=int8`) sets that target's model.dtype, so int8 and
+float32 compare in one run (`--targets onnxruntime:cpu@float32,onnxruntime:cpu@int8`); `vs f32` is
+the ratio to the same backend's float32 target in the same round. Each row records the weight
+bytes one step reads at its precision, the bandwidth the median decode step achieved
+(weight bytes / step time), and the floor: weight bytes / this machine's memory bandwidth
+(numpy copy, measured once before the targets run).
 """
 from __future__ import annotations
 
@@ -34,7 +41,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="random:gpt2")
     p.add_argument("--targets", default="hf:cpu,torch:cpu",
-                   help="comma list of BACKEND:DEVICE[@KEY=VALUE...]; 'hf' is transformers.generate(); "
+                   help="comma list of BACKEND:DEVICE[@DTYPE][@KEY=VALUE...]; 'hf' is transformers.generate(); "
+                        "@DTYPE (float32, bfloat16, int8, int4...) is the target's precision; "
                         "@KEY=VALUE sets a backend option for that target, e.g. torch:cpu@gemv=off")
     p.add_argument("--batch-sizes", default="1,16")
     p.add_argument("--prompt-len", type=int, default=32)
@@ -93,7 +101,10 @@ def worker_hf(args, device: str) -> dict:
         hf.load_state_dict(state, strict=False)
     else:
         hf = GPT2LMHeadModel.from_pretrained(source.path)
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    wanted = getattr(args, "target_dtype", None) or args.dtype
+    if wanted not in ("float32", "bfloat16", "float16"):
+        raise SystemExit(f"hf: transformers.generate() runs here in float32, bfloat16 or float16, not {wanted}")
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[wanted]
     hf = hf.to(device=device, dtype=dtype).eval()
     ids = torch.tensor(prompts(args.batch, args.prompt_len), device=device)
 
@@ -121,7 +132,8 @@ def worker_engine(args, backend: str, device: str, target_options: list[str]) ->
     options = [f"backend.options.{o.partition('.')[2]}" for o in args.options if o.startswith(backend + ".")]
     options += [f"backend.options.{o}" for o in target_options]
     cfg = load_config(None, args.overrides + options, **{"model.source": args.model, "backend.name": backend,
-                                               "backend.device": device, "model.dtype": args.dtype,
+                                               "backend.device": device,
+                                               "model.dtype": getattr(args, "target_dtype", None) or args.dtype,
                                                "batching.max_batch_size": args.batch})
     cfg.scheduler.max_num_seqs = max(cfg.scheduler.max_num_seqs, args.batch)
     engine = Engine(config=cfg)
@@ -173,27 +185,46 @@ def worker_engine(args, backend: str, device: str, target_options: list[str]) ->
 
     times = time_runs(run, args.runs)
     decode = [s for n, s in steps if n == 1]
+    info = engine.runner.describe()
+    quant = info.get("quantization")
+    weight_bytes = engine.runner.weight_bytes  # at the precision run (quantized weights and their scales)
     return {"times_s": times, "ttft_ms": statistics.median(ttft[1:]), "runner": engine.describe(),
             "path": "continuous" if continuous else "static",
-            "weight_bytes": engine.runner.weight_bytes,
+            "dtype": info.get("dtype", cfg.model.dtype),
+            "quantization": (quant.get("description") or quant.get("method")) if isinstance(quant, dict) else quant,
+            "weight_bytes": weight_bytes,
+            # weight bytes / median decode step: the weight-streaming rate the decode step achieved
+            "decode_bandwidth_gbps": weight_bytes / statistics.median(decode) / 1e9 if decode else None,
             # from the last run: prefill, median decode step, and what the runner did not spend
             "prefill_ms": sum(s for n, s in steps if n > 1) * 1e3,
             "decode_step_ms": statistics.median(decode) * 1e3 if decode else None,
             "engine_overhead_ms": (times[-1] - sum(s for _, s in steps)) * 1e3}
 
 
-def parse_target(spec: str) -> tuple[str, str, list[str]]:
-    """'BACKEND:DEVICE@KEY=VALUE...' -> (backend, device, ['KEY=VALUE', ...])."""
-    target, *target_options = spec.split("@")
-    for option in target_options:
-        if "=" not in option:
+DTYPES = ("float32", "float16", "bfloat16", "int8", "int4")
+
+
+def parse_target(spec: str) -> tuple[str, str, list[str], str | None]:
+    """'BACKEND:DEVICE[@DTYPE][@KEY=VALUE...]' -> (backend, device, ['KEY=VALUE', ...], dtype or None)."""
+    target, *items = spec.split("@")
+    target_options, dtype = [], None
+    for option in items:
+        if "=" not in option and option not in DTYPES:
             raise SystemExit(f"target option '@{option}' must be KEY=VALUE, e.g. torch:cpu@gemv=off")
+        value = option.partition("=")[2] if option.startswith("dtype=") else option if "=" not in option else None
+        if value is not None:
+            if value not in DTYPES or dtype is not None:
+                raise SystemExit(f"target '{spec}': '@{option}' must be one precision of {', '.join(DTYPES)}, "
+                                 f"e.g. torch:cpu@int8")
+            dtype = value
+        else:
+            target_options.append(option)
     backend, _, device = target.partition(":")
-    return backend, device or "cpu", target_options
+    return backend, device or "cpu", target_options, dtype
 
 
 def run_worker(args) -> None:
-    backend, device, target_options = parse_target(args.worker)
+    backend, device, target_options, args.target_dtype = parse_target(args.worker)
     result = worker_hf(args, device) if backend == "hf" else worker_engine(args, backend, device, target_options)
     print(json.dumps(result))
 
@@ -212,15 +243,21 @@ def main(argv=None) -> int:
         batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     except ValueError:
         raise SystemExit(f"--batch-sizes must be a comma list of integers, got '{args.batch_sizes}'") from None
+    from mini_engine.bench.metrics import memory_bandwidth_gbps
+
+    bandwidth = memory_bandwidth_gbps()  # before any target runs, on a quiet process
     rows = []
     for rnd in range(args.rounds):
         for target in targets:
             for batch in batch_sizes:
                 rows.append(dict(run_target(args, target, batch), round=rnd))
     add_ratios(rows)
+    for r in rows:
+        if r["status"] == "ok" and r.get("weight_bytes"):
+            r["floor_ms"] = r["weight_bytes"] / (bandwidth * 1e9) * 1e3  # one step reading every weight once
     report = {"command": " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]),
-              "machine": {"platform": platform.platform(), "processor": platform.processor(),
-                          "cpus": __import__("os").cpu_count()},
+              "machine": dict(cpu_facts(), platform=platform.platform(), processor=platform.processor(),
+                              cpus=__import__("os").cpu_count(), memory_bandwidth_gbps=round(bandwidth, 2)),
               "settings": {"model": args.model, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
                            "runs": args.runs, "rounds": args.rounds, "dtype": args.dtype, "overrides": args.overrides,
                            "options": args.options},
@@ -257,52 +294,87 @@ def run_target(args, target: str, batch: int) -> dict:
     return row
 
 
+def cpu_facts() -> dict:
+    """lscpu's model name and the int8 dot-product extensions present (figures depend on them)."""
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return {}
+    model = next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")), "")
+    return {"cpu": model, "avx512_vnni": "avx512_vnni" in flags, "avx_vnni": " avx_vnni" in flags,
+            "avx2": " avx2" in flags}
+
+
+def _without_dtype(target: str) -> str:
+    backend, device, options, _ = parse_target(target)
+    return "@".join([f"{backend}:{device}"] + options)
+
+
 def add_ratios(rows: list[dict]) -> None:
-    """vs_hf: tokens/s over the hf target's at the same batch size in the same round."""
+    """vs_hf: tokens/s over the hf target's at the same batch size in the same round. vs_float32: over
+    the same backend's float32 target (same device and options) at the same batch size and round."""
     hf: dict[tuple[int, int], float] = {}
+    f32: dict[tuple[int, int, str], float] = {}
     for r in rows:  # the first hf target of a round is the reference
         if r["target"].startswith("hf") and r["status"] == "ok":
             hf.setdefault((r["round"], r["batch_size"]), r["tokens_per_s"])
+        if r["status"] == "ok" and r.get("dtype", "float32") == "float32":
+            f32.setdefault((r["round"], r["batch_size"], _without_dtype(r["target"])), r["tokens_per_s"])
     for r in rows:
         if r["status"] == "ok" and (r["round"], r["batch_size"]) in hf:
             r["vs_hf"] = r["tokens_per_s"] / hf[r["round"], r["batch_size"]]
+        key = (r["round"], r["batch_size"], _without_dtype(r["target"]))
+        if r["status"] == "ok" and r.get("dtype", "float32") != "float32" and key in f32:
+            r["vs_float32"] = r["tokens_per_s"] / f32[key]
 
 
 def markdown(report: dict) -> str:
     s = report["settings"]
     rounds = s["rounds"] > 1
+    m = report["machine"]
+    cpu = (f"CPU: {m['cpu']}, avx512_vnni {'yes' if m.get('avx512_vnni') else 'no'}, memory bandwidth "
+           f"{m['memory_bandwidth_gbps']} GB/s (numpy copy). ") if m.get("cpu") else ""
     lines = [f"Greedy generation, {s['model']} {s['dtype']}, prompt {s['prompt_len']} tokens, "
              f"{s['new_tokens']} new tokens, median of {s['runs']} runs"
              + (f", {s['rounds']} rounds (targets taking turns; vs hf within each round)." if rounds else "."),
-             "", f"Command: `python {report['command']}`", "",
+             "", cpu + f"Command: `python {report['command']}`", "",
              "| " + ("round | " if rounds else "") + "target | batch | tokens/s | runs (tokens/s) | vs hf "
-             "| prefill ms | decode step ms | engine overhead ms |",
-             "|" + ("---:|" if rounds else "") + "---|---:|---:|---|---:|---:|---:|---:|"]
+             "| prefill ms | decode step ms | engine overhead ms | vs f32 | weight MB/step | decode GB/s | floor ms |",
+             "|" + ("---:|" if rounds else "") + "---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in report["rows"]:
         head = f"| {r['round'] + 1} " if rounds else ""
         if r["status"] != "ok":
-            lines.append(f"{head}| {r['target']} | {r['batch_size']} | skipped: {r['reason']} | | | | | |")
+            lines.append(f"{head}| {r['target']} | {r['batch_size']} | skipped: {r['reason']} | | | | | | | | | |")
             continue
         ratio = f"{r['vs_hf']:.2f}x" if "vs_hf" in r else "-"
         extra = " | ".join("-" if r.get(k) is None else f"{r[k]:.1f}"
                            for k in ("prefill_ms", "decode_step_ms", "engine_overhead_ms"))
+        bw = " | ".join([f"{r['vs_float32']:.2f}x" if "vs_float32" in r else "-",
+                         f"{r['weight_bytes'] / 1e6:.1f}" if r.get("weight_bytes") else "-",
+                         f"{r['decode_bandwidth_gbps']:.1f}" if r.get("decode_bandwidth_gbps") else "-",
+                         f"{r['floor_ms']:.2f}" if r.get("floor_ms") else "-"])
         label = r["target"] + (f" ({r['path']})" if r.get("path") else "")
         lines.append(f"{head}| {label} | {r['batch_size']} | {r['tokens_per_s']:.1f} | "
-                     f"{', '.join(map(str, r['tokens_per_s_runs']))} | {ratio} | {extra} |")
+                     f"{', '.join(map(str, r['tokens_per_s_runs']))} | {ratio} | {extra} | {bw} |")
     if rounds:
         lines += ["", "Across rounds (median, and each round in order):", "",
-                  "| target | batch | tokens/s | by round | vs hf | by round |", "|---|---:|---:|---|---:|---|"]
+                  "| target | batch | tokens/s | by round | vs hf | by round | vs f32 | by round |",
+                  "|---|---:|---:|---|---:|---|---:|---|"]
         keys = dict.fromkeys((r["target"], r["batch_size"]) for r in report["rows"] if r["status"] == "ok")
         for target, batch in keys:
             by_round = {r["round"]: r for r in report["rows"]
                         if (r["target"], r["batch_size"]) == (target, batch) and r["status"] == "ok"}
             mine = [by_round.get(i) for i in range(s["rounds"])]  # None: skipped that round
             tps = [r["tokens_per_s"] for r in mine if r]
-            ratios = [r["vs_hf"] for r in mine if r and "vs_hf" in r]
-            med_ratio = f"{statistics.median(ratios):.2f}x" if ratios else "-"
+            cells = []
+            for key in ("vs_hf", "vs_float32"):
+                ratios = [r[key] for r in mine if r and key in r]
+                cells.append((f"{statistics.median(ratios):.2f}x" if ratios else "-") + " | "
+                             + ", ".join(f"{r[key]:.2f}x" if r and key in r else "-" for r in mine))
             lines.append(f"| {target} | {batch} | {statistics.median(tps):.1f} | "
-                         + ", ".join(f"{r['tokens_per_s']:.1f}" if r else "-" for r in mine) + f" | {med_ratio} | "
-                         + ", ".join(f"{r['vs_hf']:.2f}x" if r and "vs_hf" in r else "-" for r in mine) + " |")
+                         + ", ".join(f"{r['tokens_per_s']:.1f}" if r else "-" for r in mine) + " | "
+                         + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -61,8 +61,9 @@ COLUMNS: dict[str, tuple[str, str]] = {
     "threads": ("", "intra-op threads the backend reports"),
     "load_s": ("s", "time to construct and load the engine for this target"),
     "model": ("", "model spec"),
-    "dtype": ("", "weight dtype"),
-    "weight_bytes": ("bytes", "bytes of weights one step reads"),
+    "dtype": ("", "weight dtype (precision run: float32, float16, bfloat16, int8, int4)"),
+    "quantization": ("", "int8/int4: how the weights were quantized (method, scales, block size, lm_head)"),
+    "weight_bytes": ("bytes", "bytes of weights one step reads at that precision (quantized weights and scales)"),
 }
 
 # Metrics averaged over trials; those in SPREAD also get a `_std` column.

@@ -25,6 +25,14 @@ from . import metrics, workload
 from .spec import BenchSpec, Target
 
 
+def _quantization(describe: dict) -> str | None:
+    """One line for a quantized runner's method (describe()["quantization"]), None otherwise."""
+    q = describe.get("quantization")
+    if not q:
+        return None
+    return q.get("description") or q.get("method") if isinstance(q, dict) else str(q)
+
+
 def run_target(spec: BenchSpec, target: Target, emit: Callable[..., None]) -> None:
     from ..engine import Engine
 
@@ -39,7 +47,10 @@ def run_target(spec: BenchSpec, target: Target, emit: Callable[..., None]) -> No
         "reason": "", "load": spec.load, "trials": spec.trials, "requests": spec.requests,
         "prompt_len": spec.prompt_len, "max_new_tokens": spec.max_new_tokens if spec.generates else None,
         "threads": _threads(describe), "load_s": round(load_s, 2),
-        "model": cfg.model.source, "dtype": cfg.model.dtype, "weight_bytes": engine.runner.weight_bytes,
+        # The precision run (an explicit export's manifest may set it) and, for int8/int4, how it was
+        # quantized; weight_bytes is what one step reads at that precision (bandwidth stays honest).
+        "model": cfg.model.source, "dtype": describe.get("dtype", cfg.model.dtype),
+        "quantization": _quantization(describe), "weight_bytes": engine.runner.weight_bytes,
     }
     if spec.mode == "continuous":
         from . import continuous

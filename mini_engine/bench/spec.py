@@ -24,17 +24,25 @@ MODE_DEFAULTS: dict[str, dict[str, Any]] = {
 
 @dataclass
 class Target:
-    spec: str  # "backend:device" as the user wrote it
+    spec: str  # "backend:device[@dtype]" as the user wrote it
     backend: str
     device: str
+    dtype: str | None = None  # the target's model.dtype (e.g. torch:cpu@int8); None = the config's
 
     @classmethod
     def parse(cls, text: str) -> "Target":
+        from ..config import DTYPES
+
         text = text.strip()
-        backend, _, device = text.partition(":")
+        head, at, dtype = text.partition("@")
+        backend, _, device = head.partition(":")
         if not backend:
-            raise ConfigError(f"target '{text}' must look like backend:device, e.g. torch:cpu")
-        return cls(text if device else f"{backend}:cpu", backend, device or "cpu")
+            raise ConfigError(f"target '{text}' must look like backend:device[@dtype], e.g. torch:cpu or "
+                              f"onnxruntime:cpu@int8")
+        if at and dtype not in DTYPES:
+            raise ConfigError(f"target '{text}': precision '@{dtype}' must be one of {', '.join(DTYPES)}")
+        spec = f"{backend}:{device or 'cpu'}" + (f"@{dtype}" if at else "")
+        return cls(spec, backend, device or "cpu", dtype or None)
 
 
 @dataclass
@@ -59,6 +67,8 @@ class BenchSpec:
     options: dict[str, dict[str, Any]] = field(default_factory=dict)  # per-backend option overrides
 
     def __post_init__(self):
+        if len({t.spec for t in self.targets}) != len(self.targets):
+            raise ConfigError(f"--targets lists a target twice: {', '.join(t.spec for t in self.targets)}")
         if self.mode not in MODES:
             raise ConfigError(f"--mode must be one of {', '.join(MODES)}, got '{self.mode}'")
         defaults = MODE_DEFAULTS[self.mode]
@@ -114,6 +124,8 @@ class BenchSpec:
         options = options_for(base["options"], base["name"], target.backend)
         options.update(self.options.get(target.backend, {}))
         raw["backend"] = {"name": target.backend, "device": target.device, "options": options}
+        if target.dtype:
+            raw["model"] = dict(raw["model"], dtype=target.dtype)
         return raw
 
     def to_dict(self) -> dict[str, Any]:
