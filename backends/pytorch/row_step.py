@@ -51,18 +51,21 @@ class Gemv:
 class RowStep:
     """Runs one decode step for the sequence in row 0 of the KV buffers."""
 
-    def __init__(self, model: GPT2):
+    def __init__(self, model: GPT2, make_linear=None, lm_head=None):
+        """`make_linear(module)` -> a numpy callable for one of the blocks' linear layers (default: a
+        float32 Gemv over the nn.Linear's weight); `lm_head`: the callable for the tied lm_head
+        (default: a float32 Gemv over the token embedding). int8 passes Int8Gemv for both."""
         cfg = model.cfg
+        make = make_linear or (lambda m: Gemv(m.weight, m.bias))
         self.n_head, self.head_dim, self.eps = cfg.n_head, cfg.head_dim, cfg.layer_norm_epsilon
         self.scale = 1.0 / math.sqrt(cfg.head_dim)
         self.wte, self.wpe = _np(model.wte.weight), _np(model.wpe.weight)
         self.layers = [
-            (_np(b.ln_1.weight), _np(b.ln_1.bias), Gemv(b.attn.c_attn.weight, b.attn.c_attn.bias),
-             Gemv(b.attn.c_proj.weight, b.attn.c_proj.bias), _np(b.ln_2.weight), _np(b.ln_2.bias),
-             Gemv(b.mlp.c_fc.weight, b.mlp.c_fc.bias), Gemv(b.mlp.c_proj.weight, b.mlp.c_proj.bias))
+            (_np(b.ln_1.weight), _np(b.ln_1.bias), make(b.attn.c_attn), make(b.attn.c_proj),
+             _np(b.ln_2.weight), _np(b.ln_2.bias), make(b.mlp.c_fc), make(b.mlp.c_proj))
             for b in model.h]
         self.ln_f = (_np(model.ln_f.weight), _np(model.ln_f.bias))
-        self.lm_head = Gemv(model.wte.weight, None)
+        self.lm_head = lm_head or Gemv(model.wte.weight, None)
         self.keys: list[np.ndarray] = []
         self.values: list[np.ndarray] = []
 

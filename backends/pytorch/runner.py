@@ -26,6 +26,12 @@ class TorchOptions:
     # up to cuda_graph_max_batch; enforce_eager turns that off.
     enforce_eager: bool = False
     cuda_graph_max_batch: int = 64
+    # model.dtype int8 / int4 (CPU): whether the tied lm_head (50257 x 768 for GPT-2, the largest
+    # matrix) is quantized too (int8 W8A8, as the blocks' layers are for int8), or kept float32.
+    # "auto" quantizes it: ~4x fewer bytes per step for its cost in accuracy (int8_linear.py).
+    lm_head: str = "auto"
+    # model.dtype int4: weights in blocks of this many inputs, a scale and zero each.
+    int4_block_size: int = 32
 
     def __post_init__(self):
         if self.threads < 0:
@@ -36,6 +42,10 @@ class TorchOptions:
             raise ConfigError(f"backend.options.linear must be auto, aten or onednn, got '{self.linear}'")
         if self.gemv not in ("auto", "blas", "off"):
             raise ConfigError(f"backend.options.gemv must be auto, blas or off, got '{self.gemv}'")
+        if self.lm_head not in ("auto", "quantized", "float32"):
+            raise ConfigError(f"backend.options.lm_head must be auto, quantized or float32, got '{self.lm_head}'")
+        if self.int4_block_size not in (32, 64, 128, 256):
+            raise ConfigError(f"backend.options.int4_block_size must be 32, 64, 128 or 256, got {self.int4_block_size}")
 
 
 class TorchRunner(Runner):
@@ -60,6 +70,9 @@ class TorchRunner(Runner):
 
         self.torch = torch
         device = self.config.device
+        quantized = self.config.dtype in ("int8", "int4")
+        if quantized:
+            self._check_quantized(device)
         if device.startswith("cuda"):
             if not torch.cuda.is_available():
                 raise BackendUnavailable(
@@ -69,9 +82,22 @@ class TorchRunner(Runner):
             raise ConfigError("float16 on CPU is not supported by the torch backend; use float32 or bfloat16")
         if self.options.gemv == "blas" and (device != "cpu" or self.config.dtype != "float32"):
             raise ConfigError("backend.options.gemv = 'blas' needs device cpu and dtype float32; use 'auto'")
-        self.dtype = torch_dtype(self.config.dtype)
-        self.model = build_model(self.config.model, self.config.dtype, device)
-        self.row_step = None  # RowStep for batch-1 decode (CPU float32)
+        # int8 / int4 quantize the linear weights only: embeddings, layer norms, activations between
+        # the layers and the KV cache stay float32.
+        self.dtype = torch.float32 if quantized else torch_dtype(self.config.dtype)
+        self.model = build_model(self.config.model, "float32" if quantized else self.config.dtype, device)
+        self.quantization = None  # what int8_linear.quantize_model did (describe())
+        if quantized:
+            from .int8_linear import quantize_model, step_weight_bytes
+
+            self.quantization = quantize_model(self.model, self.config.dtype, self.options.lm_head != "float32",
+                                               self.options.int4_block_size)
+            self.quantization["weight_bytes_per_step"] = step_weight_bytes(self.model)
+        self.row_step = None  # RowStep for batch-1 decode (CPU float32 and int8)
+        if self.config.dtype == "int8" and self.options.gemv != "off":
+            self.row_step = self._int8_row_step()
+        elif quantized:
+            self._drop_int8_copies()
         if device == "cpu" and self.config.dtype == "float32":
             from .linears import replace_linears
             from .row_step import RowStep
@@ -93,6 +119,41 @@ class TorchRunner(Runner):
 
                 # The numpy row step runs on numpy's BLAS threads: keep them within the same budget.
                 self.blas_limit = ThreadpoolController().limit(limits=self.options.threads, user_api="blas")
+
+    def _int8_row_step(self):
+        """Batch-1 decode in numpy over int8 GEMVs (Int8Gemv: the oneDNN path's math, no torch op)."""
+        from .int8_linear import Int8Gemv, Int8Linear
+        from .row_step import RowStep
+
+        threads = self.options.threads or self.torch.get_num_threads()
+        head = self.model._cpu_lm_head[0]
+        if isinstance(head, Int8Linear):
+            head = Int8Gemv(head, threads)
+        else:  # a float32 lm_head (option lm_head = float32): OpenBLAS over the token embedding
+            head = None
+        step = RowStep(self.model, lambda m: Int8Gemv(m, threads), head)
+        self._drop_int8_copies()  # the GEMVs hold numpy views of them; the layers need them no more
+        return step
+
+    def _drop_int8_copies(self) -> None:
+        from .int8_linear import Int8Linear
+
+        for m in list(self.model.modules()) + list(getattr(self.model, "_cpu_lm_head", [])):
+            if isinstance(m, Int8Linear):
+                m.weight_int8 = None
+
+    def _check_quantized(self, device: str) -> None:
+        """int8 / int4 run on CPU only; refuse anything else in one line before loading weights."""
+        from .int8_linear import int4_usable, int8_usable
+
+        dtype = self.config.dtype
+        if device != "cpu":
+            raise ConfigError(f"dtype {dtype} on {device} is not supported by the torch backend (int8/int4 run "
+                              f"on CPU); on CUDA use float16 or bfloat16")
+        problem = int8_usable() if dtype == "int8" or self.options.lm_head != "float32" else None
+        problem = problem or (int4_usable() if dtype == "int4" else None)
+        if problem:
+            raise ConfigError(problem)
 
     def _close_impl(self) -> None:
         # Thread settings are process-wide: give them back as they were.
@@ -138,7 +199,7 @@ class TorchRunner(Runner):
         # static path, whose CUDA-graph decode is measured; bfloat16 has no kernel yet.
         if self.config.device != "cpu":
             return "the torch backend's paged KV cache runs on CPU only; CUDA uses static batching (CUDA graphs)"
-        if self.config.dtype != "float32":
+        if self.config.dtype not in ("float32", "int8", "int4"):  # int8/int4: weights only, KV float32
             return f"the torch backend's paged KV cache runs float32 only, not {self.config.dtype}"
         return None
 
@@ -209,10 +270,21 @@ class TorchRunner(Runner):
         if self.is_loaded:
             info["threads"] = self.torch.get_num_threads()
             info["torch"] = self.torch.__version__
-            info["gemv"] = "blas" if self.row_step is not None else "off"
+            info["gemv"] = ("off" if self.row_step is None else
+                            "int8 numba GEMV (W8A8 per row, as the oneDNN path)" if self.config.dtype == "int8"
+                            else "blas")
             info["paged"] = self.paged_unsupported_reason() or "numba paged-attention kernel over the KV block pool"
             info["cuda_graphs"] = self.graphs.describe() if self.graphs is not None else None
+            if self.quantization is not None:
+                info["quantization"] = dict(self.quantization)
         return info
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of weights one decode step reads, as stored: int8/int4 layers count their own bytes."""
+        if self.is_loaded and self.quantization is not None:
+            return self.quantization["weight_bytes_per_step"]
+        return super().weight_bytes
 
     @property
     def _use_graphs(self) -> bool:
