@@ -222,3 +222,10 @@ def test_exposed_without_a_key_warns():
     assert "no API key" in exposure_warning(ServerConfig(host="0.0.0.0"))
     assert exposure_warning(ServerConfig(host="0.0.0.0", api_key="k")) is None
     assert exposure_warning(ServerConfig(host="127.0.0.1")) is None
+
+
+def test_connections_have_nagle_off(server):
+    import socket
+
+    sock = server._socket
+    assert sock.proto == socket.IPPROTO_TCP  # asyncio then sets TCP_NODELAY on every accepted connection

@@ -100,8 +100,11 @@ class Server:
         sc = self.cfg.server
         try:
             infos = socket.getaddrinfo(sc.host, sc.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-            family, _, _, _, addr = infos[0]
-            sock = socket.socket(family, socket.SOCK_STREAM)
+            family, kind, proto, _, addr = infos[0]
+            # With the protocol getaddrinfo gives (IPPROTO_TCP): asyncio sets TCP_NODELAY only on
+            # sockets that say so, and with Nagle on, a response written in parts (headers then
+            # body, one SSE event after another) waits ~40 ms for the client's delayed ACK.
+            sock = socket.socket(family, kind, proto)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind(addr)
         except OSError as e:
