@@ -32,7 +32,7 @@ def test_precedence_file_then_set_then_flags(tmp_path):
     ({"generation": {"top_p": 1.5}}, "top_p must be in (0, 1]"),
     ({"batching": {"preserve_ordering": 1}}, "expects true or false"),
     ({"batching": {"preferred_batch_sizes": [4, 64]}}, "preferred_batch_sizes"),
-    ({"model": {"dtype": "int4"}}, "model.dtype"),
+    ({"model": {"dtype": "int3"}}, "model.dtype"),
     ({"model": "gpt2"}, "model must be a table"),
 ])
 def test_bad_config_is_one_clear_error(raw, message):
