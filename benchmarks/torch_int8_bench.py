@@ -68,6 +68,11 @@ def kernel_candidates(weights, biases, rows: int) -> dict:
             (lambda x, w=w, b=b.numpy(): x.numpy()[0] @ w + b) for (w, n_major), b in zip(layouts, biases)]
     ours = [Int8Linear(w, b) for w, b in zip(weights, biases)]
     cands[f"int8 W8A8 per-row, oneDNN u8s8 (ours, |q|<={int(ours[0].levels)})"] = [m.forward for m in ours]
+    if rows == 1:  # the batch-1 decode path: the same math in a numba GEMV, split over the torch threads
+        from mini_engine_backends.pytorch.int8_linear import Int8Gemv
+
+        gemvs = [Int8Gemv(m, torch.get_num_threads()) for m in ours]
+        cands["int8 W8A8 per-row, numba GEMV (ours, batch-1 path)"] = [lambda x, g=g: g(x.numpy()[0]) for g in gemvs]
     q = [quantize_weight_int8(w) for w in weights]
     for engine in ("fbgemm", "onednn"):
         if engine not in torch.backends.quantized.supported_engines:
@@ -97,10 +102,11 @@ def kernel_candidates(weights, biases, rows: int) -> dict:
         if weights[0].shape[0] % 16:  # the int4 packing needs N % 16 == 0: not the 50257-row lm_head
             continue
         mods = [Int4Linear(w, b, block) for w, b in zip(weights, biases)]
-        cands[f"int4 weight-only block {block}, _weight_int4pack_mm_for_cpu (fp32 x)"] = [m.forward for m in mods]
-        cands[f"int4 weight-only block {block}, _weight_int4pack_mm_for_cpu (bf16 x)"] = [
-            lambda x, m=m, sz=m.scale_zero.bfloat16(): torch._weight_int4pack_mm_for_cpu(
-                x.bfloat16(), m.packed, m.block_size, sz).float().add_(m.bias) for m in mods]
+        if rows == 1:  # the float32 path is a reference loop: ~1.4 s per pass at 16 rows
+            cands[f"int4 weight-only block {block}, _weight_int4pack_mm_for_cpu (fp32 x)"] = [
+                lambda x, m=m, sz=m.scale_zero.float(): torch._weight_int4pack_mm_for_cpu(
+                    x, m.packed, m.block_size, sz).add_(m.bias) for m in mods]
+        cands[f"int4 weight-only block {block}, _weight_int4pack_mm_for_cpu (bf16 x, ours)"] = [m.forward for m in mods]
     return cands
 
 
@@ -166,7 +172,7 @@ def run_generate(args) -> None:
                 print(f"round {rnd} batch {batch:3d} {dtype:8s}: {tps:7.1f} tok/s, decode step "
                       f"{r['decode_step_ms']:.2f} ms, {r['weight_bytes'] / 1e6:.0f} MB/step ({r['path']})",
                       file=sys.stderr, flush=True)
-    lines = [cpu_line(), f"command: python benchmarks/torch_int8_bench.py {' '.join(sys.argv[2:])}",
+    lines = [cpu_line(), f"command: python benchmarks/torch_int8_bench.py {' '.join(sys.argv[1:])}",
              f"model {args.model}, prompt {args.prompt_len}, {args.new_tokens} new tokens, greedy, median of "
              f"{args.runs} runs per round, {args.rounds} rounds (dtypes alternate within a round)", "",
              "| batch | dtype | tok/s (median of rounds) | per round | x float32 (per-round ratio, median) | "
