@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Create .venv, install mini-engine with the CPU extras, and run the default job.
-#   EXTRAS=onnx,dev (default) | gpu,dev on a CUDA machine
+#   EXTRAS=onnx,dev,ray (default) | gpu,dev,ray on a CUDA machine | add ,peers for the int8 peer benchmarks
 #   PYTHON=python3.11 to choose the interpreter
 #   TORCH_INDEX=URL | none: the extra index for torch (default: scripts/torch_index.sh decides)
 #   DRY_RUN=1 prints the install commands instead of running them
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-EXTRAS=${EXTRAS:-onnx,dev}
+EXTRAS=${EXTRAS:-onnx,dev,ray}
 run() { if [ "${DRY_RUN:-0}" = 1 ]; then echo "+ $*"; else "$@"; fi; }
 TORCH_EXTRA=$(PYTHON="$PY" EXTRAS="$EXTRAS" bash scripts/torch_index.sh)
 INDEX_ARGS=()
