@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from ..config import DTYPES
 from .common import note_random
 
 
@@ -15,9 +16,11 @@ from .common import note_random
 @click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
               help="Override a config key (repeatable), e.g. --set batching.max_queue_delay_ms=5.")
 @click.option("--model", "-m", default=None, help="Model spec (default: the config's, random:gpt2).")
-@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None)
+@click.option("--dtype", type=click.Choice(DTYPES), default=None,
+              help="Precision of every target (model.dtype); one target's own: BACKEND:DEVICE@DTYPE, e.g. "
+                   "--targets onnxruntime:cpu@float32,onnxruntime:cpu@int8 compares both in one run.")
 @click.option("--targets", "-t", default="torch:cpu,onnxruntime:cpu", show_default=True,
-              help="Comma-separated backend:device list, e.g. torch:cpu,onnxruntime:cuda,tensorrt:cuda. "
+              help="Comma-separated backend:device[@dtype] list, e.g. torch:cpu,torch:cpu@int8,onnxruntime:cuda. "
                    "Targets that cannot run here are reported as skipped.")
 @click.option("--batch-sizes", default=None,
               help="Comma-separated max_batch_size values to sweep [forward: 1,2,4,8,16; generate: 1,4,16; "
