@@ -7,7 +7,7 @@ from typing import Sequence
 import numpy as np
 
 from mini_engine.devices import cuda_unavailable_reason, module_installed, package_version
-from mini_engine.errors import BackendUnavailable, ConfigError
+from mini_engine.errors import BackendUnavailable, ConfigError, MiniEngineError
 from mini_engine.runner import Availability, Runner, StepInput
 
 
@@ -32,6 +32,11 @@ class TorchOptions:
     lm_head: str = "auto"
     # model.dtype int4: weights in blocks of this many inputs, a scale and zero each.
     int4_block_size: int = 32
+    # CPU float32, continuous batching: Megatron-style split of the model over this many ranks
+    # (rank 0 is this process, the others are spawned; gloo over 127.0.0.1). See tensor_parallel/.
+    tensor_parallel_size: int = 1
+    # Every collective of a tensor-parallel step gives up after this long (a stuck or dead rank).
+    tp_timeout_s: float = 60.0
 
     def __post_init__(self):
         if self.threads < 0:
@@ -46,6 +51,10 @@ class TorchOptions:
             raise ConfigError(f"backend.options.lm_head must be auto, quantized or float32, got '{self.lm_head}'")
         if self.int4_block_size not in (32, 64, 128, 256):
             raise ConfigError(f"backend.options.int4_block_size must be 32, 64, 128 or 256, got {self.int4_block_size}")
+        if self.tensor_parallel_size < 1:
+            raise ConfigError(f"backend.options.tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+        if not self.tp_timeout_s > 0:
+            raise ConfigError(f"backend.options.tp_timeout_s must be > 0, got {self.tp_timeout_s}")
 
 
 class TorchRunner(Runner):
@@ -69,6 +78,9 @@ class TorchRunner(Runner):
         from mini_engine.model.weights import build_model, torch_dtype
 
         self.torch = torch
+        self.tp = None  # TensorParallelGroup when tensor_parallel_size > 1
+        if self.options.tensor_parallel_size > 1:
+            return self._load_tensor_parallel()
         device = self.config.device
         quantized = self.config.dtype in ("int8", "int4")
         if quantized:
@@ -120,6 +132,39 @@ class TorchRunner(Runner):
                 # The numpy row step runs on numpy's BLAS threads: keep them within the same budget.
                 self.blas_limit = ThreadpoolController().limit(limits=self.options.threads, user_api="blas")
 
+    def _load_tensor_parallel(self) -> None:
+        """Start the ranks; this process becomes rank 0 and runs with cores / tp threads."""
+        from .tensor_parallel import TensorParallelGroup, cpu_cores
+
+        torch, tp, cfg = self.torch, self.options.tensor_parallel_size, self.config.model.config
+        if self.config.device != "cpu":
+            raise ConfigError("backend.options.tensor_parallel_size > 1 runs on CPU only (gloo ranks over the "
+                              "paged KV pool); CUDA keeps one process per GPU")
+        if self.config.dtype != "float32":
+            raise ConfigError(f"tensor parallelism runs float32 only, not {self.config.dtype}; "
+                              f"use dtype float32 or tensor_parallel_size 1")
+        if cfg.n_head % tp:
+            raise ConfigError(f"backend.options.tensor_parallel_size {tp} must divide the model's "
+                              f"{cfg.n_head} attention heads")
+        if self.options.gemv == "blas":
+            raise ConfigError("backend.options.gemv = 'blas' is the one-process batch-1 path; "
+                              "with tensor_parallel_size > 1 use 'auto'")
+        threads = self.options.threads or max(1, cpu_cores() // tp)
+        self.model = self.row_step = self.graphs = self.blas_limit = self.quantization = None
+        self.keys, self.values = [], []
+        self.threads_before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            self.tp = TensorParallelGroup(self.config.model, tp, threads, self.options.linear,
+                                          self.options.tp_timeout_s)
+        except BaseException:
+            torch.set_num_threads(self.threads_before)
+            raise
+
+    def health_problem(self) -> str | None:
+        """Why this runner cannot run steps any more (a tensor-parallel rank died), or None."""
+        return self.tp.health_problem() if self.tp is not None else None
+
     def _int8_row_step(self):
         """Batch-1 decode in numpy over int8 GEMVs (Int8Gemv: the oneDNN path's math, no torch op)."""
         from .int8_linear import Int8Gemv, Int8Linear
@@ -156,6 +201,11 @@ class TorchRunner(Runner):
             raise ConfigError(problem)
 
     def _close_impl(self) -> None:
+        if self.tp is not None:
+            self.tp.close()
+            self.tp = None
+            self.torch.set_num_threads(self.threads_before)
+            return
         # Thread settings are process-wide: give them back as they were.
         if self.blas_limit is not None:
             self.blas_limit.restore_original_limits()
@@ -168,6 +218,9 @@ class TorchRunner(Runner):
     def _allocate_kv_impl(self, num_slots: int, max_seq_len: int) -> None:
         from .cuda_graphs import DecodeGraphs, bucket_for, graph_buckets
 
+        if self.tp is not None:
+            raise MiniEngineError("tensor parallelism runs the continuous-batching (paged) path only, "
+                                  "not static batching")
         cfg = self.config.model.config
         buckets = graph_buckets(self.options.cuda_graph_max_batch) if self._use_graphs else ()
         # With graphs, rows up to the bucket above num_slots exist as padding.
@@ -204,6 +257,8 @@ class TorchRunner(Runner):
         return None
 
     def _allocate_kv_pool_impl(self, num_blocks: int, block_size: int, max_num_seqs: int) -> None:
+        if self.tp is not None:
+            return self.tp.allocate(num_blocks, block_size)
         cfg = self.config.model.config
         shape = (num_blocks, cfg.n_head, block_size, cfg.head_dim)
         # np.zeros maps pages on first write (the kernel reads only written slots), so resident
@@ -213,11 +268,15 @@ class TorchRunner(Runner):
         self.kernel_threads = self.options.threads or self.torch.get_num_threads()
 
     def _free_kv_pool_impl(self) -> None:
+        if self.tp is not None:
+            return self.tp.free()
         self.pool_keys = self.pool_values = []
 
     def _execute_paged_impl(self, step) -> np.ndarray:
         from .paged_attention import PagedKV
 
+        if self.tp is not None:
+            return self.tp.execute(step)
         torch = self.torch
         cfg = self.config.model.config
         kv = PagedKV(self.pool_keys, self.pool_values, step, cfg.n_head, cfg.head_dim, self.kernel_threads)
@@ -277,6 +336,9 @@ class TorchRunner(Runner):
             info["cuda_graphs"] = self.graphs.describe() if self.graphs is not None else None
             if self.quantization is not None:
                 info["quantization"] = dict(self.quantization)
+            if self.tp is not None:
+                info["gemv"] = "off (tensor parallel: the ranks run the torch path)"
+                info["tensor_parallel"] = self.tp.describe()
         return info
 
     @property

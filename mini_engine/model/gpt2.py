@@ -59,9 +59,10 @@ class Attention(nn.Module):
         b, t, d = x.shape
         if hasattr(kv, "attend"):
             # A paged cache ([1, N, d]: a ragged step's tokens, row after row) does its own
-            # attention over each row's blocks; there is no mask.
+            # attention over each row's blocks; there is no mask. Widths come from n_head, which
+            # under tensor parallelism is this rank's share of the heads.
             q, k, v = self.c_attn(x).view(t, 3, self.n_head, self.head_dim).unbind(1)
-            return self.c_proj(kv.attend(layer, q, k, v).view(1, t, d))
+            return self.c_proj(kv.attend(layer, q, k, v).view(1, t, self.n_head * self.head_dim))
         q, k, v = self.c_attn(x).split(d, dim=2)
         q, k, v = (y.view(b, t, self.n_head, self.head_dim).transpose(1, 2) for y in (q, k, v))
         k, v = kv.update(layer, k, v)

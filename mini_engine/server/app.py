@@ -97,9 +97,12 @@ def build_app(state: ServerState) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        if state.engine.is_alive:
+        # A runner can fail while the loop idles (a tensor-parallel rank killed): ask it as well.
+        check = getattr(getattr(getattr(state.engine, "engine", None), "runner", None), "health_problem", None)
+        problem = check() if check else None
+        if state.engine.is_alive and problem is None:
             return {"status": "ok", "model": state.model_name}
-        return error_response(503, f"the engine loop is not running: {state.engine.error}",
+        return error_response(503, f"the engine loop is not running: {problem or state.engine.error}",
                               code="engine_unavailable")
 
     @app.get("/v1/models", response_model=ModelList)
