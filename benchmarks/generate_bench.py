@@ -36,6 +36,8 @@ import sys
 import time
 from pathlib import Path
 
+import peer_targets  # stdlib only at import; the peers' packages load in their workers
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -79,28 +81,40 @@ def time_runs(fn, runs: int) -> list[float]:
     return out
 
 
-def worker_hf(args, device: str) -> dict:
-    import torch
+def hf_gpt2(model: str):
+    """A transformers GPT2LMHeadModel with the engine's weights for `model` (for random:* the engine's
+    seeded weights copied in), so every target, peers included, runs the same network."""
     from transformers import GPT2Config as HFConfig, GPT2LMHeadModel
 
     from mini_engine.model.source import resolve_model
     from mini_engine.model.weights import build_model
 
-    source = resolve_model(args.model)
-    if source.is_random:
-        ours = build_model(source, "float32", "cpu")
-        c = source.config
-        hf = GPT2LMHeadModel(HFConfig(vocab_size=c.vocab_size, n_positions=c.n_positions, n_embd=c.n_embd,
-                                      n_layer=c.n_layer, n_head=c.n_head))
-        state = {}
-        for k, v in ours.state_dict().items():
-            if k.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")):
-                v = v.t()
-            state["transformer." + k] = v
-        state["lm_head.weight"] = ours.wte.weight
-        hf.load_state_dict(state, strict=False)
-    else:
-        hf = GPT2LMHeadModel.from_pretrained(source.path)
+    source = resolve_model(model)
+    if not source.is_random:
+        return GPT2LMHeadModel.from_pretrained(source.path)
+    ours = build_model(source, "float32", "cpu")
+    c = source.config
+    hf = GPT2LMHeadModel(HFConfig(vocab_size=c.vocab_size, n_positions=c.n_positions, n_embd=c.n_embd,
+                                  n_layer=c.n_layer, n_head=c.n_head))
+    state = {}
+    for k, v in ours.state_dict().items():
+        if k.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")):
+            v = v.t()
+        state["transformer." + k] = v
+    state["lm_head.weight"] = ours.wte.weight
+    hf.load_state_dict(state, strict=False)
+    return hf
+
+
+def first_tokens(rows: list[list[int]], n: int = 8) -> list[list[int]]:
+    """The first greedy tokens of every row: the report checks peers against transformers with them."""
+    return [[int(t) for t in row[:n]] for row in rows]
+
+
+def worker_hf(args, device: str) -> dict:
+    import torch
+
+    hf = hf_gpt2(args.model)
     wanted = getattr(args, "target_dtype", None) or args.dtype
     if wanted not in ("float32", "bfloat16", "float16"):
         raise SystemExit(f"hf: transformers.generate() runs here in float32, bfloat16 or float16, not {wanted}")
@@ -108,14 +122,18 @@ def worker_hf(args, device: str) -> dict:
     hf = hf.to(device=device, dtype=dtype).eval()
     ids = torch.tensor(prompts(args.batch, args.prompt_len), device=device)
 
+    out = []
+
     def run():
         with torch.inference_mode():
-            hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=args.new_tokens,
-                        min_new_tokens=args.new_tokens, pad_token_id=50256)
+            out[:] = [hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                  max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, pad_token_id=50256)]
         if device.startswith("cuda"):
             torch.cuda.synchronize()
 
-    return {"threads": torch.get_num_threads(), "times_s": time_runs(run, args.runs),
+    times = time_runs(run, args.runs)
+    return {"threads": torch.get_num_threads(), "times_s": times,
+            "first_tokens": first_tokens(out[0][:, ids.shape[1]:].tolist()),
             "library": f"transformers {__import__('transformers').__version__}, torch {torch.__version__}"}
 
 
@@ -163,6 +181,7 @@ def worker_engine(args, backend: str, device: str, target_options: list[str]) ->
     engine.runner.execute = timed_execute
     engine.runner.execute_paged = timed_execute_paged
     runs_done = [0]
+    generated: list[list[int]] = []
 
     def run():
         steps.clear()
@@ -182,6 +201,7 @@ def worker_engine(args, backend: str, device: str, target_options: list[str]) ->
         runs_done[0] += 1
         assert all(len(c.token_ids) == args.new_tokens for c in done)
         ttft.append(done[0].ttft_ms)
+        generated[:] = [list(c.token_ids) for c in done]
 
     times = time_runs(run, args.runs)
     decode = [s for n, s in steps if n == 1]
@@ -189,6 +209,7 @@ def worker_engine(args, backend: str, device: str, target_options: list[str]) ->
     quant = info.get("quantization")
     weight_bytes = engine.runner.weight_bytes  # at the precision run (quantized weights and their scales)
     return {"times_s": times, "ttft_ms": statistics.median(ttft[1:]), "runner": engine.describe(),
+            "first_tokens": first_tokens(generated),
             "path": "continuous" if continuous else "static",
             "dtype": info.get("dtype", cfg.model.dtype),
             "quantization": (quant.get("description") or quant.get("method")) if isinstance(quant, dict) else quant,
@@ -208,24 +229,35 @@ def parse_target(spec: str) -> tuple[str, str, list[str], str | None]:
     """'BACKEND:DEVICE[@DTYPE][@KEY=VALUE...]' -> (backend, device, ['KEY=VALUE', ...], dtype or None)."""
     target, *items = spec.split("@")
     target_options, dtype = [], None
+    backend, _, device = target.partition(":")
+    dtypes = peer_targets.DTYPES[backend] if backend in peer_targets.BACKENDS else DTYPES
     for option in items:
-        if "=" not in option and option not in DTYPES:
+        if "=" not in option and option not in dtypes and backend in peer_targets.BACKENDS:
+            peer_targets.check_target(backend, option, [])
+        if "=" not in option and option not in dtypes:
             raise SystemExit(f"target option '@{option}' must be KEY=VALUE, e.g. torch:cpu@gemv=off")
         value = option.partition("=")[2] if option.startswith("dtype=") else option if "=" not in option else None
         if value is not None:
-            if value not in DTYPES or dtype is not None:
-                raise SystemExit(f"target '{spec}': '@{option}' must be one precision of {', '.join(DTYPES)}, "
+            if value not in dtypes or dtype is not None:
+                raise SystemExit(f"target '{spec}': '@{option}' must be one precision of {', '.join(dtypes)}, "
                                  f"e.g. torch:cpu@int8")
             dtype = value
         else:
             target_options.append(option)
-    backend, _, device = target.partition(":")
+    if backend in peer_targets.BACKENDS:
+        peer_targets.check_target(backend, dtype, target_options)
     return backend, device or "cpu", target_options, dtype
 
 
 def run_worker(args) -> None:
     backend, device, target_options, args.target_dtype = parse_target(args.worker)
-    result = worker_hf(args, device) if backend == "hf" else worker_engine(args, backend, device, target_options)
+    if backend in peer_targets.BACKENDS:
+        result = peer_targets.run_worker(args, backend, args.target_dtype, hf_gpt2=hf_gpt2, prompts=prompts,
+                                         time_runs=time_runs, first_tokens=first_tokens)
+    elif backend == "hf":
+        result = worker_hf(args, device)
+    else:
+        result = worker_engine(args, backend, device, target_options)
     print(json.dumps(result))
 
 
@@ -238,7 +270,9 @@ def main(argv=None) -> int:
         raise SystemExit("--rounds and --runs must be >= 1")
     targets = args.targets.split(",")
     for target in targets:
-        parse_target(target)
+        backend = parse_target(target)[0]
+        if backend in peer_targets.BACKENDS:
+            peer_targets.require(backend)  # a missing peer fails now, in one line, not after the others ran
     try:
         batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     except ValueError:
@@ -327,6 +361,7 @@ def add_ratios(rows: list[dict]) -> None:
         key = (r["round"], r["batch_size"], _without_dtype(r["target"]))
         if r["status"] == "ok" and r.get("dtype", "float32") != "float32" and key in f32:
             r["vs_float32"] = r["tokens_per_s"] / f32[key]
+    peer_targets.add_peer_ratios(rows)
 
 
 def markdown(report: dict) -> str:
@@ -375,7 +410,7 @@ def markdown(report: dict) -> str:
             lines.append(f"| {target} | {batch} | {statistics.median(tps):.1f} | "
                          + ", ".join(f"{r['tokens_per_s']:.1f}" if r else "-" for r in mine) + " | "
                          + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" + peer_targets.markdown(report)
 
 
 if __name__ == "__main__":
