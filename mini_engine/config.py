@@ -19,6 +19,7 @@ except ModuleNotFoundError:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 from .core.scheduler_config import SchedulerConfig
+from .server.ray_config import RayConfig
 from .server.server_config import ServerConfig
 from .errors import ConfigError
 from .sampling import SamplingParams
@@ -153,6 +154,7 @@ class Config:
     generation: SamplingParams = field(default_factory=SamplingParams)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)  # continuous batching
     server: ServerConfig = field(default_factory=ServerConfig)  # mini-engine serve
+    ray: RayConfig = field(default_factory=RayConfig)  # mini-engine serve --ray (Ray Serve replicas)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
