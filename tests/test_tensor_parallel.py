@@ -6,6 +6,7 @@ import os
 import signal
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -94,6 +95,17 @@ def test_tp2_logits_match_tp1_over_prefill_chunks_and_decodes(pair):
         assert np.abs(got - want).max() <= 1e-4
 
 
+def test_gloo_transport_gives_the_same_logits(hf_dir, pair):
+    """tp_comm = gloo (and the gloo path every rank takes for a tensor too big for shared memory)."""
+    one, _ = pair
+    rng = np.random.default_rng(1)
+    s = step([(rng.integers(0, 50000, 7).tolist(), 0)], [[20, 21]])
+    with runner(hf_dir, tp=2, tp_comm="gloo").load() as gloo:
+        gloo.allocate_kv_pool(32, BS)
+        assert gloo.describe()["tensor_parallel"]["collectives"] == "gloo"
+        assert np.abs(gloo.execute_paged(s) - one.execute_paged(s)).max() <= 1e-4
+
+
 def test_describe_records_the_split_threads_and_collective_times(pair):
     _, two = pair
     info = two.describe()
@@ -101,7 +113,9 @@ def test_describe_records_the_split_threads_and_collective_times(pair):
     assert tp["size"] == 2 and tp["per_rank"]["heads"] == 2 and tp["embeddings"] == "replicated"
     assert tp["threads_per_rank"] == max(1, len(os.sched_getaffinity(0)) // 2) == info["threads"]
     assert tp["steps"] >= 3 and tp["all_reduce_calls"] == 2 * 2 * tp["steps"]  # 2 per block, 2 blocks
-    assert tp["all_reduce_s"] > 0 and tp["gather_bytes"] > 0
+    assert tp["all_reduce_s"] > 0 and tp["gather_bytes"] > 0 and tp["collectives"].startswith("shared memory")
+    mine = f"mini-engine-tp-{os.getpid()}-"
+    assert not any(p.name.startswith(mine) for p in Path("/dev/shm").iterdir())  # unlinked once mapped
 
 
 def test_greedy_tp2_equals_transformers(engine2, hf_model):
@@ -131,6 +145,7 @@ def test_greedy_tp2_equals_transformers(engine2, hf_model):
     ({"tensor_parallel_size": 2}, "cuda", "float32", "runs on CPU only"),
     ({"tensor_parallel_size": 0}, "cpu", "float32", "must be >= 1"),
     ({"tensor_parallel_size": 2, "tp_timeout_s": 0}, "cpu", "float32", "must be > 0"),
+    ({"tensor_parallel_size": 2, "tp_comm": "mpi"}, "cpu", "float32", "must be shm or gloo"),
 ])
 def test_refusals_are_one_line(hf_dir, options, device, dtype, message):
     with pytest.raises(ConfigError, match=message) as e:

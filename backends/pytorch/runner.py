@@ -37,6 +37,9 @@ class TorchOptions:
     tensor_parallel_size: int = 1
     # Every collective of a tensor-parallel step gives up after this long (a stuck or dead rank).
     tp_timeout_s: float = 60.0
+    # How the ranks sum and gather: "shm" (shared memory, spinning waits; gloo for large tensors)
+    # or "gloo" only. Measured in result/cpu/tp/.
+    tp_comm: str = "shm"
 
     def __post_init__(self):
         if self.threads < 0:
@@ -53,6 +56,8 @@ class TorchOptions:
             raise ConfigError(f"backend.options.int4_block_size must be 32, 64, 128 or 256, got {self.int4_block_size}")
         if self.tensor_parallel_size < 1:
             raise ConfigError(f"backend.options.tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+        if self.tp_comm not in ("shm", "gloo"):
+            raise ConfigError(f"backend.options.tp_comm must be shm or gloo, got '{self.tp_comm}'")
         if not self.tp_timeout_s > 0:
             raise ConfigError(f"backend.options.tp_timeout_s must be > 0, got {self.tp_timeout_s}")
 
@@ -156,7 +161,7 @@ class TorchRunner(Runner):
         torch.set_num_threads(threads)
         try:
             self.tp = TensorParallelGroup(self.config.model, tp, threads, self.options.linear,
-                                          self.options.tp_timeout_s)
+                                          self.options.tp_timeout_s, self.options.tp_comm)
         except BaseException:
             torch.set_num_threads(self.threads_before)
             raise

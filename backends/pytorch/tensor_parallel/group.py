@@ -34,12 +34,13 @@ def cpu_cores() -> int:
 
 
 class TensorParallelGroup:
-    def __init__(self, source, tp: int, threads: int, linear: str, timeout_s: float):
+    def __init__(self, source, tp: int, threads: int, linear: str, timeout_s: float, comm: str = "shm"):
         import multiprocessing as mp
 
         import torch.distributed as dist
 
-        self.tp, self.threads, self.timeout_s = tp, threads, timeout_s
+        self.tp, self.threads, self.timeout_s, self.comm = tp, threads, timeout_s, comm
+        self.shm_path = None
         self.problem: str | None = None
         self.procs, self.conns, self.rank0 = [], [], None
         self.steps, self.step_s, self.send_s = 0, 0.0, 0.0
@@ -48,10 +49,14 @@ class TensorParallelGroup:
         store = dist.TCPStore("127.0.0.1", 0, tp, is_master=True, timeout=setup, wait_for_workers=False)
         ctx = mp.get_context("spawn")  # fork would copy the engine's threads and OpenMP state
         try:
+            if comm == "shm":
+                from .shm import create_file
+
+                self.shm_path = create_file(tp)
             for r in range(1, tp):
                 mine, theirs = ctx.Pipe()
                 p = ctx.Process(target=run_rank, args=(theirs, RankSpec(source, r, tp, threads, linear, store.port,
-                                                                           timeout_s)),
+                                                                           timeout_s, self.shm_path)),
                                 name=f"mini-engine-tp-rank{r}", daemon=True)
                 p.start()
                 theirs.close()
@@ -60,8 +65,10 @@ class TensorParallelGroup:
             pg = self._collective(lambda: join_group(0, tp, store.port, timeout_s, store=store), "joining the group")
             from .rank import Rank
 
-            self.rank0 = Rank(pg, source, 0, tp, threads, linear, timeout_s)
+            self.rank0 = Rank(pg, source, 0, tp, threads, linear, timeout_s, self.shm_path,
+                              lambda: all(p.exitcode is None for p in self.procs))
             self._wait_ready()
+            self._unlink_shm()  # every rank has it mapped: nothing is left in /dev/shm, however we end
         except BaseException:
             self.close()
             raise
@@ -162,7 +169,15 @@ class TensorParallelGroup:
                 del pending[conn]
 
     # ----- shutdown ------------------------------------------------------------------------------
+    def _unlink_shm(self) -> None:
+        if self.shm_path is not None:
+            try:
+                os.unlink(self.shm_path)
+            except FileNotFoundError:
+                pass
+
     def close(self) -> None:
+        self._unlink_shm()
         for conn in self.conns:
             try:
                 conn.send_bytes(wire.QUIT)
@@ -186,7 +201,8 @@ class TensorParallelGroup:
 
     def describe(self) -> dict:
         facts = dict(self.rank0.facts) if self.rank0 is not None else {}
-        return {"size": self.tp, "threads_per_rank": self.threads, "backend": "gloo", "timeout_s": self.timeout_s,
+        comm = ("shared memory (spinning waits; gloo for tensors over 2 MiB)" if self.comm == "shm" else "gloo")
+        return {"size": self.tp, "threads_per_rank": self.threads, "collectives": comm, "timeout_s": self.timeout_s,
                 "rank0": "the engine's process", "pids": [os.getpid()] + [p.pid for p in self.procs],
                 "per_rank": facts, "embeddings": "replicated", "lm_head": "vocab-split, gathered on rank 0",
                 "load_s": round(getattr(self, "load_s", 0.0), 2), "problem": self.problem, **self.stats()}

@@ -8,7 +8,8 @@ import numpy as np
 
 
 class Rank:
-    def __init__(self, pg, source, rank: int, tp: int, threads: int, linear: str, timeout_s: float):
+    def __init__(self, pg, source, rank: int, tp: int, threads: int, linear: str, timeout_s: float,
+                 shm_path: str | None = None, alive=None):
         import torch
 
         from mini_engine.model.weights import build_model
@@ -18,7 +19,12 @@ class Rank:
 
         self.torch, self.rank, self.tp, self.threads = torch, rank, tp, threads
         self.cfg = source.config
-        self.comm = Comm(pg, rank, tp, timeout_s)
+        shm = None
+        if shm_path is not None:
+            from .shm import ShmCollectives
+
+            shm = ShmCollectives(shm_path, rank, tp, timeout_s, alive)
+        self.comm = Comm(pg, rank, tp, timeout_s, shm)
         self.model = build_model(source, "float32", "cpu")
         self.facts = shard_model(self.model, rank, tp, self.comm, linear)
         self.heads = self.facts["heads"]

@@ -25,6 +25,7 @@ class RankSpec:
     linear: str
     port: int
     timeout_s: float
+    shm_path: str | None  # the shared-memory collectives' file (None: gloo only)
 
 
 def join_group(rank: int, tp: int, port: int, timeout_s: float, store=None):
@@ -53,7 +54,9 @@ def run_rank(conn, spec: RankSpec) -> None:
         pg = join_group(spec.rank, spec.tp, spec.port, spec.timeout_s)
         from .rank import Rank
 
-        rank = Rank(pg, spec.source, spec.rank, spec.tp, spec.threads, spec.linear, spec.timeout_s)
+        parent = os.getppid()
+        rank = Rank(pg, spec.source, spec.rank, spec.tp, spec.threads, spec.linear, spec.timeout_s,
+                    spec.shm_path, lambda: os.getppid() == parent)
         conn.send_bytes(wire.READY)
         while True:
             try:
