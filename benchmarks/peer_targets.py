@@ -174,6 +174,7 @@ def _llamacpp(llama_cpp, args, dtype, ckpt, batch, time_runs, first_tokens) -> d
     cparams.n_batch = cparams.n_ubatch = max(512, n_rows * plen)  # the whole prefill in one ubatch
     cparams.n_seq_max = n_rows
     cparams.n_threads = cparams.n_threads_batch = 2
+    cparams.kv_unified = True  # one KV buffer for all rows: measured faster at batch 16 (37 vs 40 ms a step)
     ctx = llama_cpp.llama_init_from_model(model, cparams)
     if not ctx:
         raise SystemExit("llamacpp: could not create a context")
@@ -187,10 +188,10 @@ def _llamacpp(llama_cpp, args, dtype, ckpt, batch, time_runs, first_tokens) -> d
             lbatch.n_seq_id[j], lbatch.seq_id[j][0], lbatch.logits[j] = 1, seq, logits
         lbatch.n_tokens = len(tokens_pos_seq_logits)
 
-    def argmax_rows(n_out: int) -> list[int]:
-        # outputs in the order of the batch's logits-flagged tokens: one per row here
+    def argmax_rows(positions) -> list[int]:
+        # llama_get_logits_ith takes the token's index in the batch, not its output's
         return [int(np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, i), shape=(n_vocab,)).argmax())
-                for i in range(n_out)]
+                for i in positions]
 
     generated: list[list[int]] = []
     steps: list[float] = []  # decode steps of the last run (prefill excluded)
@@ -207,13 +208,13 @@ def _llamacpp(llama_cpp, args, dtype, ckpt, batch, time_runs, first_tokens) -> d
         t0 = time.perf_counter()
         decode()
         prefill[0] = time.perf_counter() - t0
-        last = argmax_rows(n_rows)
+        last = argmax_rows(range(plen - 1, n_rows * plen, plen))
         out = [[t] for t in last]
         for step in range(new - 1):
             fill([(tok, plen + step, seq, True) for seq, tok in enumerate(last)])
             t = time.perf_counter()
             decode()
-            last = argmax_rows(n_rows)
+            last = argmax_rows(range(n_rows))
             steps.append(time.perf_counter() - t)
             for row, tok in zip(out, last):
                 row.append(tok)
@@ -226,7 +227,7 @@ def _llamacpp(llama_cpp, args, dtype, ckpt, batch, time_runs, first_tokens) -> d
     info = {"times_s": times, "dtype": DTYPES["llamacpp"][dtype], "peer": True,
             "library": f"llama-cpp-python {llama_cpp.__version__}", "compute_type": f"GGUF {dtype}",
             "threads": 2, "system_info": llama_cpp.llama_print_system_info().decode().strip(),
-            "flash_attn_type": cparams.flash_attn_type,
+            "flash_attn_type": cparams.flash_attn_type, "kv_unified": True,
             "prefill_ms": prefill[0] * 1e3, "decode_step_ms": step * 1e3 if step else None,
             "weight_bytes": weight_bytes, "weight_bytes_is": "llama_model_size (GGUF tensors)",
             "decode_bandwidth_gbps": weight_bytes / step / 1e9 if step else None,
