@@ -13,7 +13,9 @@ alternates from round to round. Targets:
 
 Loads (the same request set for every target: same seed, prompt length, max_tokens):
   c1   --concurrency 1, short answers: the per-request cost of the proxy hop
-  c8   --concurrency 8, the throughput comparison
+  c8   --concurrency 8, streaming (SSE): the throughput comparison
+  c8b  the same requests without streaming (one answer per request): what the proxy costs per
+       request rather than per streamed token
 
     flock /tmp/mini-bench.lock python benchmarks/ray_bench.py --out result/cpu/ray/ray_bench
 """
@@ -45,6 +47,7 @@ TARGETS = {
 }
 KEYS = ("output_throughput", "request_throughput", "median_ttft_ms", "p95_ttft_ms", "median_e2el_ms",
         "p95_e2el_ms", "median_tpot_ms", "completed", "failed", "duration")
+LOADS = ("c8", "c8b", "c1")
 
 
 def parse_args(argv=None):
@@ -89,7 +92,16 @@ class Target:
                 self.proc.kill()
                 raise SystemExit(f"{name} did not start:\n{log.read_text()[-3000:]}")
             time.sleep(0.5)
-        self.tree = {p.pid: p.create_time() for p in psutil.Process(self.proc.pid).children(recursive=True)}
+        try:
+            driver = psutil.Process(self.proc.pid)
+            children = driver.children(recursive=True)
+            self.tree = {p.pid: p.create_time() for p in children}
+            # What each engine process runs with: Ray sets OMP_NUM_THREADS from num_cpus per replica.
+            engines = [p for p in children if "ServeReplica:" in " ".join(p.cmdline())] or [driver]
+            self.omp = [p.environ().get("OMP_NUM_THREADS", "unset") for p in engines]
+        except BaseException:
+            self.proc.kill()
+            raise
 
     def stop(self) -> None:
         self.tree |= {p.pid: p.create_time() for p in psutil.Process(self.proc.pid).children(recursive=True)}
@@ -114,11 +126,13 @@ class Target:
         return left
 
 
-def load(url: str, args, n: int, concurrency: int, max_tokens: int, seed: int, tmp: Path) -> tuple[dict, str]:
+def load(url: str, args, n: int, concurrency: int, max_tokens: int, seed: int, tmp: Path,
+         stream: bool = True) -> tuple[dict, str]:
     out = tmp / f"load-{time.monotonic_ns()}"
     cmd = ["load", "--url", url, "-n", str(n), "--concurrency", str(concurrency), "--prompt-len",
            str(args.prompt_len), "--max-tokens", str(max_tokens), "--ignore-eos", "--seed", str(seed),
-           "--timeout-s", "120", "--deadline-s", "600", "-q", "--out", str(out)]
+           "--stream" if stream else "--no-stream", "--timeout-s", "120", "--deadline-s", "600", "-q",
+           "--out", str(out)]
     proc = subprocess.run([*MINI, *cmd], cwd=ROOT, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"load failed: {proc.stderr[-2000:]}")
@@ -139,10 +153,12 @@ def main(argv=None) -> None:
             report["target_commands"][name] = t.cmd
             try:
                 load(t.url, args, 8, args.concurrency, 8, seed=1000 + r, tmp=tmp)  # warm-up, other prompts
-                row = {"round": r, "target": name, "uptime": uptime()}
+                row = {"round": r, "target": name, "uptime": uptime(), "omp_num_threads": t.omp}
                 row["c1"], report["load_commands"]["c1"] = load(t.url, args, args.c1_requests, 1, 4, seed=7, tmp=tmp)
                 row["c8"], report["load_commands"]["c8"] = load(t.url, args, args.num_requests, args.concurrency,
                                                                 args.max_tokens, seed=11, tmp=tmp)
+                row["c8b"], report["load_commands"]["c8b"] = load(t.url, args, args.num_requests, args.concurrency,
+                                                                  args.max_tokens, seed=11, tmp=tmp, stream=False)
             finally:
                 t.stop()
             report["runs"].append(row)
@@ -151,7 +167,7 @@ def main(argv=None) -> None:
     report["median"] = {name: {load_name: {k: statistics.median(run[load_name][k] for run in report["runs"]
                                                               if run["target"] == name)
                                            for k in KEYS if k not in ("completed", "failed")}
-                               for load_name in ("c1", "c8")} for name in names}
+                               for load_name in LOADS} for name in names}
     write_report(args.out, report, markdown(report, names))
 
 
@@ -164,7 +180,7 @@ def markdown(rep: dict, names: list[str]) -> str:
              "Targets (each started fresh per round, order alternating between rounds):", ""]
     lines += [f"- **{n}**: `{rep['target_commands'][n]}`" for n in names]
     lines += ["", "Loads:", ""] + [f"- **{k}**: `{v} --out DIR`" for k, v in rep["load_commands"].items()]
-    for load_name in ("c8", "c1"):
+    for load_name in LOADS:
         lines += ["", f"## {load_name}: medians over {max(r['round'] for r in rep['runs']) + 1} rounds", "",
                   "| target | output tok/s | req/s | TTFT p50 ms | TTFT p95 ms | e2e p50 ms | e2e p95 ms | "
                   "tok/s vs plain |", "|---|---|---|---|---|---|---|---|"]
@@ -175,12 +191,13 @@ def markdown(rep: dict, names: list[str]) -> str:
             lines.append(f"| {n} | {m['output_throughput']:.1f} | {m['request_throughput']:.2f} | "
                          f"{m['median_ttft_ms']:.1f} | {m['p95_ttft_ms']:.1f} | {m['median_e2el_ms']:.1f} | "
                          f"{m['p95_e2el_ms']:.1f} | {ratio} |")
-    lines += ["", "## Every run", "", "| round | target | load | uptime | tok/s | TTFT p50 | e2e p50 | failed |",
-              "|---|---|---|---|---|---|---|---|"]
+    lines += ["", "## Every run", "", "| round | target | OMP_NUM_THREADS per engine | load | load average | tok/s | "
+              "TTFT p50 | e2e p50 | failed |", "|---|---|---|---|---|---|---|---|---|"]
     for run in rep["runs"]:
-        for load_name in ("c8", "c1"):
+        for load_name in LOADS:
             m = run[load_name]
-            lines.append(f"| {run['round']} | {run['target']} | {load_name} | {run['uptime'].split('load average:')[-1]} "
+            lines.append(f"| {run['round']} | {run['target']} | {','.join(run['omp_num_threads'])} | {load_name} | "
+                         f"{run['uptime'].split('load average:')[-1]} "
                          f"| {m['output_throughput']:.1f} | {m['median_ttft_ms']:.1f} | {m['median_e2el_ms']:.1f} "
                          f"| {m['failed']} |")
     return "\n".join(lines) + "\n"

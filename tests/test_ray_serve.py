@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -30,6 +31,7 @@ REPLICA = "x-mini-engine-replica"
 PROMPTS = ["Hello, my name is", "The capital of France", "1 2 3 4 5 6 7 8", "In a hole in the ground there lived",
            "a", "Once upon a time, in a land far away, there was", "The quick brown fox", "GPT-2 is"]
 MAX_TOKENS = 12
+LONG = 64  # the replica-kill test: requests long enough that some are running when the kill comes
 START_TIMEOUT_S = 180  # a local cluster, two replicas loading torch, on two shared cores
 
 
@@ -51,7 +53,8 @@ class Cluster:
         self.log, self.url, self.port = log, f"http://127.0.0.1:{port}", port
         self.out = log.open("w")
         self.proc = subprocess.Popen(args, stdout=self.out, stderr=subprocess.STDOUT, text=True,
-                                     env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1", **(env or {})},
+                                     env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1",
+                                          "RAY_DEDUP_LOGS": "0", **(env or {})},
                                      start_new_session=True)
         self.seen: dict[int, float] = {}  # pid -> create_time of every descendant ever seen
         deadline = time.monotonic() + START_TIMEOUT_S
@@ -72,6 +75,12 @@ class Cluster:
             return httpx.get(f"{self.url}/health", timeout=2).status_code == 200
         except httpx.HTTPError:
             return False
+
+    def replica_ids(self) -> dict[int, str]:
+        """pid -> Ray Serve replica id, from the replicas' "replica ID: ... ready" log lines
+        (Ray prefixes each forwarded line with the process's pid)."""
+        found = re.findall(r"pid=(\d+)\)\S*\s.*?replica (\w+): .* ready after", self.text())
+        return {int(pid): rid for pid, rid in found}
 
     def text(self) -> str:
         return self.log.read_text(errors="replace")
@@ -146,7 +155,10 @@ class _suppress:
 def reference():
     """Greedy outputs of the single-process server (`mini-engine serve`) for PROMPTS."""
     with running_server("random:tiny") as server, httpx.Client(base_url=server.url, timeout=60) as c:
-        return {p: c.post("/v1/completions", json=body(p)).json()["choices"][0]["text"] for p in PROMPTS}
+        out = {p: c.post("/v1/completions", json=body(p)).json()["choices"][0]["text"] for p in PROMPTS}
+        out |= {(p, LONG): c.post("/v1/completions", json=body(p, LONG)).json()["choices"][0]["text"]
+                for p in PROMPTS}
+        return out
 
 
 @pytest.fixture(scope="module")
@@ -160,8 +172,8 @@ def cluster(tmp_path_factory):
     c.kill()
 
 
-def complete(url: str, prompt: str, timeout: float = 60) -> httpx.Response:
-    return httpx.post(f"{url}/v1/completions", json=body(prompt), timeout=timeout)
+def complete(url: str, prompt: str, timeout: float = 60, max_tokens: int = MAX_TOKENS) -> httpx.Response:
+    return httpx.post(f"{url}/v1/completions", json=body(prompt, max_tokens), timeout=timeout)
 
 
 def test_two_replicas_serve_concurrent_requests_with_greedy_parity(cluster, reference):
@@ -208,30 +220,33 @@ def test_the_same_routes_health_and_metrics_through_the_proxy(cluster):
 def test_a_killed_replica_is_replaced_and_no_client_hangs_or_gets_a_wrong_answer(cluster, reference):
     before = cluster.replica_pids()
     assert len(before) == 2
-    outcomes: list[tuple[str, str, int | None, str]] = []  # (prompt, replica, status, text or error)
+    # (prompt, replica, status, text or error, start, end): status None = the client timed out
+    outcomes: list[tuple] = []
     stop = threading.Event()
 
     def client(i: int):
         n = 0
-        while not stop.is_set() and n < 40:
+        while not stop.is_set() and n < 30:
             prompt = PROMPTS[(i + n) % len(PROMPTS)]
             n += 1
+            t0 = time.monotonic()
             try:
-                r = complete(cluster.url, prompt, timeout=30)  # bounded: a hang fails the test
+                r = complete(cluster.url, prompt, timeout=30, max_tokens=LONG)  # bounded: a hang fails the test
             except httpx.TimeoutException as e:
-                outcomes.append((prompt, "", None, f"timeout: {e!r}"))
+                outcomes.append((prompt, "", None, f"timeout: {e!r}", t0, time.monotonic()))
                 continue
             except httpx.TransportError as e:  # a dropped connection is a clear error to the client
-                outcomes.append((prompt, "", -1, repr(e)))
+                outcomes.append((prompt, "", -1, repr(e), t0, time.monotonic()))
                 continue
             text = r.json()["choices"][0]["text"] if r.status_code == 200 else r.text
-            outcomes.append((prompt, r.headers.get(REPLICA, ""), r.status_code, text))
+            outcomes.append((prompt, r.headers.get(REPLICA, ""), r.status_code, text, t0, time.monotonic()))
 
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(4)]
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(6)]
     for t in threads:
         t.start()
-    time.sleep(2.0)  # load on both replicas
+    time.sleep(3.0)  # load on both replicas
     victim = before[0]
+    victim_id = cluster.replica_ids()[victim]
     os.kill(victim, signal.SIGKILL)
     killed_at = time.monotonic()
 
@@ -245,23 +260,27 @@ def test_a_killed_replica_is_replaced_and_no_client_hangs_or_gets_a_wrong_answer
     replaced_in = time.monotonic() - killed_at
     now = cluster.replica_pids()
     assert len(now) == 2 and victim not in now, f"not replaced within 90 s: {now}\n{cluster.tail()}"
+    time.sleep(2.0)  # and the load goes on against the new replica set
     stop.set()
     for t in threads:
         t.join(60)
     assert not any(t.is_alive() for t in threads)
 
-    timeouts = [o for o in outcomes if o[2] is None]
+    timeouts = [o[:4] for o in outcomes if o[2] is None]
     assert not timeouts, f"clients hung: {timeouts}"
-    wrong = [o for o in outcomes if o[2] == 200 and o[3] != reference[o[0]]]
+    wrong = [o[:4] for o in outcomes if o[2] == 200 and o[3] != reference[(o[0], LONG)]]
     assert not wrong, f"wrong answers: {wrong}"
-    errors = [o for o in outcomes if o[2] != 200]
+    errors = [o[:4] for o in outcomes if o[2] != 200]
     assert all(o[2] == -1 or o[2] >= 500 for o in errors), errors
     assert all(o[3] for o in errors), errors  # every error says something
-    assert sum(o[2] == 200 for o in outcomes) >= 8, outcomes
+    across = [o for o in outcomes if o[4] < killed_at < o[5]]  # in flight when the kill came
+    assert len(across) >= 2, "the kill did not come mid-load"
+    assert any(o[1] == victim_id for o in outcomes if o[5] < killed_at), "the victim served nothing before"
+    assert sum(o[2] == 200 for o in outcomes) >= 10, [o[:4] for o in outcomes]
 
     # The new replica serves: its id shows up in answers once it is routed to.
-    old_ids = {o[1] for o in outcomes if o[2] == 200 and o[1]}
-    seen_new = set()
+    old_ids = {o[1] for o in outcomes if o[2] == 200 and o[1] and o[5] < killed_at}
+    seen_new = {o[1] for o in outcomes if o[2] == 200 and o[1] and o[1] not in old_ids}
     deadline = time.monotonic() + 60
     while not seen_new and time.monotonic() < deadline:
         with ThreadPoolExecutor(4) as pool:
@@ -270,8 +289,10 @@ def test_a_killed_replica_is_replaced_and_no_client_hangs_or_gets_a_wrong_answer
                 if r.headers[REPLICA] not in old_ids:
                     seen_new.add(r.headers[REPLICA])
     assert seen_new, f"no answer from a new replica (old: {old_ids})"
-    print(f"replica {victim} killed; replaced in {replaced_in:.1f} s; {len(outcomes)} requests: "
-          f"{sum(o[2] == 200 for o in outcomes)} ok, errors {sorted({str(o[2]) for o in errors})}")
+    print(f"\nreplica {victim_id} (pid {victim}) SIGKILLed with {len(across)} requests in flight; replaced in {replaced_in:.1f} s; "
+          f"{len(outcomes)} requests: {sum(o[2] == 200 for o in outcomes)} complete and correct, errors: "
+          f"{[(o[2], o[3][:120]) for o in errors]}; in flight at the kill: "
+          f"{[(o[2], o[1]) for o in across]}")
 
 
 def test_sigterm_stops_the_deployment_and_leaves_no_ray_process(cluster):
@@ -284,25 +305,56 @@ def test_sigterm_stops_the_deployment_and_leaves_no_ray_process(cluster):
         httpx.get(f"{cluster.url}/health", timeout=2)
 
 
-def test_the_written_serve_config_runs_with_ray_serve_run(tmp_path, reference):
-    """The Serve config file path: what `serve run` / `serve deploy` read on any cluster."""
+def test_the_written_serve_config_runs_with_serve_run_and_autoscales_on_ongoing_requests(tmp_path, reference):
+    """The Serve config file path (what `serve run` / `serve deploy` read on any cluster), with
+    autoscaling 1..2 replicas on ongoing requests per replica: load makes Ray add the second."""
     port = free_port()
     cfg = tmp_path / "serve.yaml"
     run_cli("serve", "--ray", "--write-serve-config", cfg, "--model", "random:tiny", "--port", port,
-            "--set", "ray.num_cpus_per_replica=0.5", check=True)
+            "--autoscale", "1:2", "--set", "ray.num_cpus_per_replica=0.5", "--set", "ray.target_ongoing_requests=1",
+            "--set", "ray.upscale_delay_s=0", check=True)
     import yaml
 
     data = yaml.safe_load(cfg.read_text())
     app = data["applications"][0]
+    deployment = app["deployments"][0]
     assert data["http_options"] == {"host": "127.0.0.1", "port": port}
     assert app["import_path"] == "mini_engine.server.ray_deployment:app_builder"
-    assert app["deployments"][0]["ray_actor_options"] == {"num_cpus": 0.5, "num_gpus": 0.0}
+    assert deployment["ray_actor_options"] == {"num_cpus": 0.5, "num_gpus": 0.0}
+    assert deployment["autoscaling_config"]["max_replicas"] == 2 and "num_replicas" not in deployment
+    # As a user tunes a Serve config: a short look-back so the test sees the decision in seconds.
+    deployment["autoscaling_config"]["look_back_period_s"] = 2
+    cfg.write_text(yaml.safe_dump(data))
     serve_bin = Path(sys.executable).with_name("serve")
-    c = Cluster([str(serve_bin), "run", str(cfg)], tmp_path / "serve-run.log", "/health", port)
+    c = Cluster([str(serve_bin), "run", str(cfg)], tmp_path / "serve-run.log", "/health", port,
+                env={"RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.5",
+                     "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.5"})
     try:
         r = complete(c.url, PROMPTS[1])
         assert r.status_code == 200 and r.json()["choices"][0]["text"] == reference[PROMPTS[1]]
-        assert r.headers[REPLICA]
+        assert len(c.replica_pids()) == 1
+        stop = threading.Event()
+        bad: list[str] = []
+
+        def client(i: int):
+            while not stop.is_set():
+                prompt = PROMPTS[i % len(PROMPTS)]
+                r = complete(c.url, prompt, timeout=30, max_tokens=LONG)
+                if r.status_code != 200 or r.json()["choices"][0]["text"] != reference[(prompt, LONG)]:
+                    bad.append(r.text[:200])
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 60
+        while len(c.replica_pids()) < 2 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        scaled = len(c.replica_pids())
+        stop.set()
+        for t in threads:
+            t.join(60)
+        assert scaled == 2, f"no second replica within 60 s of load:\n{c.tail()}"
+        assert not bad, bad
         assert c.stop(signal.SIGINT) == 0, c.tail()
         assert c.wait_gone() == []
     finally:

@@ -60,6 +60,11 @@ def serve_on_ray(cfg: Config, echo: Callable[[str], None] = print) -> None:
         cfg.server.port = free_port(sc.host)  # Ray Serve's proxy needs the port up front
     if not rc.address:
         check_port(sc.host, sc.port)
+    from .launcher import exposure_warning
+
+    warning = exposure_warning(sc)
+    if warning:
+        echo(f"warning: {warning}")
     # Telemetry off for a cluster this command starts (it would try the network from every
     # node); the environment wins.
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
