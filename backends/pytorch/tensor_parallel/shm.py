@@ -14,7 +14,8 @@ rank raises its flag past s only after it has finished reading s. x86 keeps stor
 a flag seen at s means the slot's data is there (numpy's copy of up to `SLOT_BYTES` uses plain
 stores; larger tensors take gloo).
 
-A spinning rank gives up after the group's timeout, and checks `alive()` (rank 0: are the other
+A rank that has spun for a while yields its core at every turn (sched_yield), so on a machine with
+more runnable threads than cores the rank it waits for can run. It gives up after the group's timeout, and checks `alive()` (rank 0: are the other
 ranks' processes running; others: is rank 0) every few milliseconds, so a dead peer is an error
 in milliseconds rather than a hang.
 """
@@ -90,7 +91,11 @@ class ShmCollectives:
             if all(flags[r] >= seq for r in range(self.world)):
                 return
             spins += 1
-            if spins % 2048 == 0:
+            if spins > 256:
+                # Past a few tens of microseconds, let whatever else wants this core (the peer we
+                # wait for, when the machine is oversubscribed) run; with nothing else it returns at once.
+                os.sched_yield()
+            if spins % 256 == 0:
                 now = time.monotonic()
                 if now - last > 0.005:
                     last = now
