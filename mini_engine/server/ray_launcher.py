@@ -39,6 +39,21 @@ def check_port(host: str, port: int) -> None:
         raise ConfigError(f"Ray Serve's proxy cannot listen on {host}:{port}: {e.strerror or e}") from None
 
 
+def check_cluster(address: str) -> None:
+    """Ray's own connect retries for minutes, deaf to signals, when nothing answers: one line now."""
+    if address == "auto" or "://" in address:
+        return  # "auto" is looked up by Ray (it fails fast); ray:// is Ray Client's
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ConfigError(f"ray.address must be 'auto' or HOST:PORT (the head's GCS port, 6379 by default), "
+                          f"got '{address}'")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
+    except OSError as e:
+        raise ConfigError(f"no Ray cluster answers at {address} ({e.strerror or e}); start one there with "
+                          f"`ray start --head --port {port}`, or leave out --ray-address for a local one") from None
+
+
 def local_num_cpus(cfg: Config) -> float:
     rc = cfg.ray
     return rc.local_num_cpus or max(1.0, rc.most_replicas * rc.num_cpus_per_replica)
@@ -58,7 +73,9 @@ def serve_on_ray(cfg: Config, echo: Callable[[str], None] = print) -> None:
     rc, sc = cfg.ray, cfg.server
     if sc.port == 0:
         cfg.server.port = free_port(sc.host)  # Ray Serve's proxy needs the port up front
-    if not rc.address:
+    if rc.address:
+        check_cluster(rc.address)
+    else:
         check_port(sc.host, sc.port)
     from .launcher import exposure_warning
 
@@ -79,7 +96,13 @@ def serve_on_ray(cfg: Config, echo: Callable[[str], None] = print) -> None:
         if rc.address:
             echo(f"mini-engine: joining the Ray cluster at {rc.address}")
             ray_started = True  # before init: a signal during it still gets the teardown
-            ray.init(address=rc.address, log_to_driver=True)
+            try:
+                ray.init(address=rc.address, log_to_driver=True)
+            except (ConnectionError, RuntimeError) as e:
+                raise MiniEngineError(
+                    f"could not join the Ray cluster at {rc.address}: {_first_line(e)}; a cluster with token "
+                    f"authentication (Ray's default for new clusters) needs RAY_AUTH_MODE=token and its token "
+                    f"(~/.ray/auth_token or RAY_AUTH_TOKEN) when the address is given explicitly") from None
         else:
             cpus = local_num_cpus(cfg)
             echo(f"mini-engine: starting a local Ray cluster ({cpus:g} CPUs, no dashboard)")
@@ -110,7 +133,7 @@ def serve_on_ray(cfg: Config, echo: Callable[[str], None] = print) -> None:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         try:
-            if ray_started:
+            if ray_started and ray.is_initialized():
                 echo("mini-engine: stopping (ongoing requests finish first)")
                 _teardown(cfg)
         finally:
