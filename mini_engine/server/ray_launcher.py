@@ -107,7 +107,8 @@ def serve_on_ray(cfg: Config, echo: Callable[[str], None] = print) -> None:
             cpus = local_num_cpus(cfg)
             echo(f"mini-engine: starting a local Ray cluster ({cpus:g} CPUs, no dashboard)")
             ray_started = True
-            ray.init(num_cpus=cpus, include_dashboard=False, object_store_memory=rc.local_object_store_mib * 2**20,
+            # "local": a new cluster even when RAY_ADDRESS or a `ray start` record names another.
+            ray.init(address="local", num_cpus=cpus, include_dashboard=False, object_store_memory=rc.local_object_store_mib * 2**20,
                      log_to_driver=True)
         # ray.init replaced the SIGTERM handler (with a sys.exit) and its core worker added a
         # crash-report one: ours again, so SIGTERM is a clean stop like SIGINT.
