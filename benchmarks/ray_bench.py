@@ -140,8 +140,14 @@ def load(url: str, args, n: int, concurrency: int, max_tokens: int, seed: int, t
     return {k: summary.get(k) for k in KEYS}, "mini-engine " + " ".join(cmd[:-2])
 
 
+def _exit_on_sigterm(signum, frame):
+    raise SystemExit(143)
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
+    # SIGTERM (a timeout) still stops the running target in its `finally`: servers run in their own sessions.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     names = args.targets.split(",")
     report = {"command": command_line(), "cpu": cpu_model(), "cores": os.cpu_count(), "model": args.model,
               "uptime_before": uptime(), "runs": [], "load_commands": {}, "target_commands": {}}
