@@ -94,4 +94,6 @@ def _write_serve_config(cfg, path, echo) -> None:
         Path(path).write_text(serve_config_yaml(cfg))
     except OSError as e:
         raise ConfigError(f"cannot write the Ray Serve config '{path}': {e.strerror or e}") from None
+    if cfg.server.api_key:
+        echo(f"note: {path} holds server.api_key in clear text (the replicas read it from there)")
     echo(f"mini-engine: wrote the Ray Serve config {path}; run it with: serve run {path}")

@@ -77,6 +77,11 @@ def serve_on_ray(cfg: Config, echo: Callable[[str], None] = print) -> None:
         check_cluster(rc.address)
     else:
         check_port(sc.host, sc.port)
+        from ..model.source import resolve_model
+
+        # A model that is not here is one line now, not three failed replica starts (the
+        # replicas of a local cluster see this machine's files; a joined cluster's nodes may not).
+        resolve_model(cfg.model.source)
     from .launcher import exposure_warning
 
     warning = exposure_warning(sc)
@@ -108,8 +113,8 @@ def serve_on_ray(cfg: Config, echo: Callable[[str], None] = print) -> None:
             echo(f"mini-engine: starting a local Ray cluster ({cpus:g} CPUs, no dashboard)")
             ray_started = True
             # "local": a new cluster even when RAY_ADDRESS or a `ray start` record names another.
-            ray.init(address="local", num_cpus=cpus, include_dashboard=False, object_store_memory=rc.local_object_store_mib * 2**20,
-                     log_to_driver=True)
+            ray.init(address="local", num_cpus=cpus, include_dashboard=False,
+                     object_store_memory=rc.local_object_store_mib * 2**20, log_to_driver=True)
         # ray.init replaced the SIGTERM handler (with a sys.exit) and its core worker added a
         # crash-report one: ours again, so SIGTERM is a clean stop like SIGINT.
         signal.signal(signal.SIGTERM, _raise_stop)
