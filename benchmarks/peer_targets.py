@@ -297,6 +297,15 @@ def markdown(report: dict) -> str:
             lines.append(f"| {target} | {batch} | {statistics.median(r['tokens_per_s'] for r in mine):.1f} | "
                          + (f"{statistics.median(ratios):.2f}x | " if ratios else "- | ")
                          + ", ".join(f"{x:.2f}x" for x in ratios) + " |")
+    int8 = [r for r in rows if "vs_best_float32" in r]
+    if int8:
+        lines += ["", "mini-engine int8 over our best float32 target of the same round and batch (the issue's "
+                  "fallback target when a peer is missing):", "",
+                  "| target | batch | median | by round |", "|---|---:|---:|---|"]
+        for target, batch in dict.fromkeys((r["target"], r["batch_size"]) for r in int8):
+            ratios = [r["vs_best_float32"] for r in int8 if (r["target"], r["batch_size"]) == (target, batch)]
+            lines.append(f"| {target} | {batch} | {statistics.median(ratios):.2f}x | "
+                         + ", ".join(f"{x:.2f}x" for x in ratios) + " |")
     agree = [r for r in rows if "agrees_with_hf" in r]
     if agree:
         lines += ["", "Greedy tokens against transformers (hf target, same round and batch): rows whose first 8 "
