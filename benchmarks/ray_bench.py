@@ -61,6 +61,8 @@ def parse_args(argv=None):
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--c1-requests", type=int, default=12, help="requests of the c1 load (max_tokens 4) [12]")
     p.add_argument("--out", default=None, help="OUT.json and OUT.md")
+    p.add_argument("--from-rows", default=None, help="rebuild the report from the JSON rows a run printed")
+    p.add_argument("--rows-command", default="", help="with --from-rows: the command that printed them")
     return p.parse_args(argv)
 
 
@@ -93,12 +95,7 @@ class Target:
                 raise SystemExit(f"{name} did not start:\n{log.read_text()[-3000:]}")
             time.sleep(0.5)
         try:
-            driver = psutil.Process(self.proc.pid)
-            children = driver.children(recursive=True)
-            self.tree = {p.pid: p.create_time() for p in children}
-            # What each engine process runs with: Ray sets OMP_NUM_THREADS from num_cpus per replica.
-            engines = [p for p in children if "ServeReplica:" in " ".join(p.cmdline())] or [driver]
-            self.omp = [p.environ().get("OMP_NUM_THREADS", "unset") for p in engines]
+            self.tree = {p.pid: p.create_time() for p in psutil.Process(self.proc.pid).children(recursive=True)}
         except BaseException:
             self.proc.kill()
             raise
@@ -146,6 +143,8 @@ def _exit_on_sigterm(signum, frame):
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.from_rows:
+        return from_rows(args)
     # SIGTERM (a timeout) still stops the running target in its `finally`: servers run in their own sessions.
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     names = args.targets.split(",")
@@ -159,7 +158,7 @@ def main(argv=None) -> None:
             report["target_commands"][name] = t.cmd
             try:
                 load(t.url, args, 8, args.concurrency, 8, seed=1000 + r, tmp=tmp)  # warm-up, other prompts
-                row = {"round": r, "target": name, "uptime": uptime(), "omp_num_threads": t.omp}
+                row = {"round": r, "target": name, "uptime": uptime()}
                 row["c1"], report["load_commands"]["c1"] = load(t.url, args, args.c1_requests, 1, 4, seed=7, tmp=tmp)
                 row["c8"], report["load_commands"]["c8"] = load(t.url, args, args.num_requests, args.concurrency,
                                                                 args.max_tokens, seed=11, tmp=tmp)
@@ -170,11 +169,41 @@ def main(argv=None) -> None:
             report["runs"].append(row)
             print(json.dumps(row), flush=True)
     report["uptime_after"] = uptime()
-    report["median"] = {name: {load_name: {k: statistics.median(run[load_name][k] for run in report["runs"]
-                                                              if run["target"] == name)
+    finish(args, report, names)
+
+
+def finish(args, report: dict, names: list[str]) -> None:
+    report["median"] = {name: {load_name: {k: _median([run[load_name][k] for run in report["runs"]
+                                                       if run["target"] == name])
                                            for k in KEYS if k not in ("completed", "failed")}
                                for load_name in LOADS} for name in names}
     write_report(args.out, report, markdown(report, names))
+
+
+def _median(values: list):
+    values = [v for v in values if v is not None]  # TPOT of a non-streaming load is None
+    return statistics.median(values) if values else None
+
+
+def from_rows(args) -> None:
+    """Rebuild the report from the JSON rows a run printed (one per target and round)."""
+    rows = [json.loads(line) for line in Path(args.from_rows).read_text().splitlines() if line.startswith("{")]
+    names = list(dict.fromkeys(r["target"] for r in rows))
+    report = {"command": f"{args.rows_command}; report rebuilt from the rows it printed by "
+                         f"`benchmarks/ray_bench.py --from-rows {args.from_rows} --out {args.out}`", "cpu": cpu_model(),
+              "cores": os.cpu_count(), "model": args.model, "uptime_before": rows[0]["uptime"] + " (first row)",
+              "uptime_after": rows[-1]["uptime"] + " (last row)", "runs": rows,
+              "load_commands": {}, "target_commands": {n: " ".join(["mini-engine", *TARGETS[n], "--model", args.model,
+                                                                    "--port", "PORT", "--set",
+                                                                    "server.shutdown_grace_s=5"]) for n in names}}
+    for name, (n, c, k, seed, stream) in {"c8": (args.num_requests, args.concurrency, args.max_tokens, 11, True),
+                                         "c8b": (args.num_requests, args.concurrency, args.max_tokens, 11, False),
+                                         "c1": (args.c1_requests, 1, 4, 7, True)}.items():
+        report["load_commands"][name] = (
+            f"mini-engine load --url http://127.0.0.1:PORT -n {n} --concurrency {c} --prompt-len {args.prompt_len} "
+            f"--max-tokens {k} --ignore-eos --seed {seed} {'--stream' if stream else '--no-stream'} --timeout-s 120 "
+            f"--deadline-s 600 -q")
+    finish(args, report, names)
 
 
 def markdown(rep: dict, names: list[str]) -> str:
@@ -197,12 +226,12 @@ def markdown(rep: dict, names: list[str]) -> str:
             lines.append(f"| {n} | {m['output_throughput']:.1f} | {m['request_throughput']:.2f} | "
                          f"{m['median_ttft_ms']:.1f} | {m['p95_ttft_ms']:.1f} | {m['median_e2el_ms']:.1f} | "
                          f"{m['p95_e2el_ms']:.1f} | {ratio} |")
-    lines += ["", "## Every run", "", "| round | target | OMP_NUM_THREADS per engine | load | load average | tok/s | "
-              "TTFT p50 | e2e p50 | failed |", "|---|---|---|---|---|---|---|---|---|"]
+    lines += ["", "## Every run", "", "| round | target | load | load average | tok/s | TTFT p50 | e2e p50 | failed |",
+              "|---|---|---|---|---|---|---|---|"]
     for run in rep["runs"]:
         for load_name in LOADS:
             m = run[load_name]
-            lines.append(f"| {run['round']} | {run['target']} | {','.join(run['omp_num_threads'])} | {load_name} | "
+            lines.append(f"| {run['round']} | {run['target']} | {load_name} | "
                          f"{run['uptime'].split('load average:')[-1]} "
                          f"| {m['output_throughput']:.1f} | {m['median_ttft_ms']:.1f} | {m['median_e2el_ms']:.1f} "
                          f"| {m['failed']} |")
