@@ -91,8 +91,14 @@ class EngineReplica:
             self.close()
             raise
         self.state = ServerState(self.async_engine, sc, sc.model_name or cfg.model.source, self.request_log)
-        log.info("replica %s: %s (%s:%s) ready after a %.2f s warm-up; %s", self.replica, self.state.model_name,
-                 cfg.backend.name, cfg.backend.device, warmup_s, self.engine.kv_capacity)
+        import os
+        import sys
+
+        torch = sys.modules.get("torch")  # its threads follow OMP_NUM_THREADS, which Ray sets from num_cpus
+        threads = f"torch threads {torch.get_num_threads()}, " if torch is not None else ""
+        log.info("replica %s: %s (%s:%s) ready after a %.2f s warm-up; %sOMP_NUM_THREADS=%s; %s", self.replica,
+                 self.state.model_name, cfg.backend.name, cfg.backend.device, warmup_s, threads,
+                 os.environ.get("OMP_NUM_THREADS", "unset"), self.engine.kv_capacity)
 
     def __serve_build_asgi_app__(self):
         from .app import build_app
