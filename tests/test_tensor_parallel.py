@@ -153,6 +153,16 @@ def test_refusals_are_one_line(hf_dir, options, device, dtype, message):
     assert "\n" not in str(e.value)
 
 
+def test_shm_collectives_are_refused_off_x86(hf_dir, monkeypatch):
+    import platform
+
+    monkeypatch.setattr(platform, "machine", lambda: "aarch64")
+    with pytest.raises(ConfigError, match="x86-64 store ordering.*aarch64; use tp_comm = 'gloo'") as e:
+        TorchRunner(RunnerConfig(resolve_model(str(hf_dir)), device="cpu",
+                                 options={"tensor_parallel_size": 2})).load()
+    assert "\n" not in str(e.value)
+
+
 def test_cli_refusal_is_one_line_without_traceback(hf_dir):
     from conftest import run_cli
 

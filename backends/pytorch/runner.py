@@ -1,6 +1,7 @@
 """PyTorch runner: pre-allocated per-slot KV cache, logits for the last position only."""
 from __future__ import annotations
 
+import platform
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -154,6 +155,10 @@ class TorchRunner(Runner):
         if self.options.gemv == "blas":
             raise ConfigError("backend.options.gemv = 'blas' is the one-process batch-1 path; "
                               "with tensor_parallel_size > 1 use 'auto'")
+        if self.options.tp_comm == "shm" and platform.machine().lower() not in ("x86_64", "amd64"):
+            # shm.py orders its data and flag stores by x86's total store order alone
+            raise ConfigError(f"backend.options.tp_comm = 'shm' relies on x86-64 store ordering, and this CPU "
+                              f"is {platform.machine()}; use tp_comm = 'gloo'")
         threads = self.options.threads or max(1, cpu_cores() // tp)
         self.model = self.row_step = self.graphs = self.blas_limit = self.quantization = None
         self.keys, self.values = [], []
