@@ -12,8 +12,7 @@ b. open loop (Poisson) at --rate-fractions x the best closed-loop streaming requ
 c. --clients concurrent streaming clients over HTTP vs the same prompts and params submitted to an
    AsyncEngine in the worker (same model and backend; the server idles meanwhile), and the same
    load in batch mode over HTTP, for --rounds rounds, alternating which goes first: tokens/s of HTTP
-   over the Python API (target >= 0.90) and p50 TTFT streaming over p50 e2e batch (target <= 1/4)
-   (--nodelay-variant: also against a server forced to TCP_NODELAY, see serve_nodelay);
+   over the Python API (target >= 0.90) and p50 TTFT streaming over p50 e2e batch (target <= 1/4);
 d. one-token batch requests one at a time, HTTP vs AsyncEngine (the mean difference is the
    per-request cost of the HTTP path), and the server's RSS idle after start, after warm-up, at
    its peak and idle after the load.
@@ -69,10 +68,6 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="smoke run: random:tiny, tiny request counts")
     p.add_argument("--out", default=None, help="OUT.json/.md, plots and logs beside it "
                                                "[result/cpu/serving/serving; --quick: /tmp/serving_quick/serving]")
-    p.add_argument("--nodelay-variant", action="store_true",
-                   help="parts c and d also against a server forced to TCP_NODELAY (see serve_nodelay; the same as "
-                        "`mini-engine serve` since commit bbf2989, which fixed the socket; the committed "
-                        "result/cpu/serving/serving run had it on, against the server before that fix)")
     p.add_argument("--no-analyze", action="store_true", help="skip `mini-engine analyze` of the first target's log")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--log-csv", default=None, help=argparse.SUPPRESS)
@@ -95,14 +90,11 @@ class ServerProcess:
     """`mini-engine serve` in its own process on 127.0.0.1 and a free port; `.url`, `.pid`, `.rss_mib()`."""
 
     def __init__(self, model: str, backend: str, device: str = "cpu", log_csv: str | None = None,
-                 stderr_path: str | None = None, extra: list[str] | None = None, start_timeout: float = 300.0,
-                 nodelay: bool = False):
+                 stderr_path: str | None = None, extra: list[str] | None = None, start_timeout: float = 300.0):
         import psutil
 
         cmd = [sys.executable, "-m", "mini_engine", "serve", "--model", model, "--backend", backend,
                "--device", device, "--host", "127.0.0.1", "--port", "0", *(extra or [])]
-        if nodelay:  # the same server with TCP_NODELAY on its sockets (see serve_nodelay)
-            cmd = [sys.executable, str(Path(__file__).resolve()), "--serve-nodelay", model, backend, device]
         if log_csv:
             Path(log_csv).parent.mkdir(parents=True, exist_ok=True)
             Path(log_csv).unlink(missing_ok=True)  # the server appends: one run per log
@@ -388,17 +380,7 @@ def worker(args) -> dict:
 
     api(next(seeds), args.clients, dataclass_replace(params, max_new_tokens=8))  # warm the in-process engine
     api(next(seeds), 1, dataclass_replace(params, max_new_tokens=4))
-    # --nodelay-variant: parts c and d also against a server forced to TCP_NODELAY (see serve_nodelay).
-    server2 = None
-    if args.nodelay_variant:
-        nd_log = str(Path(log_csv).with_name(Path(log_csv).stem + "_nodelay.csv"))
-        server2 = ServerProcess(args.model, backend, device, log_csv=nd_log, nodelay=True,
-                                stderr_path=str(Path(nd_log).with_suffix(".server.log")))
-        servers.append(server2)
-        say(f"nodelay server {server2.url} pid {server2.pid} up in {server2.start_s:.1f} s")
-        load(n=args.clients, concurrency=args.clients, stream=True, max_tokens=8, srv=server2)
-        load(n=4, concurrency=4, stream=False, max_tokens=4, srv=server2)
-    variants = {"http": server} | ({"http_nodelay": server2} if server2 else {})
+    variants = {"http": server}
     cl = args.clients
     rounds = []
     for r in range(args.rounds):
@@ -468,8 +450,6 @@ def worker(args) -> dict:
     out["overhead"] = ov
     say("overhead per 1-token request: api " + f"{ov['api_mean_e2e_ms']:.1f} ms; " +
         "; ".join(f"{w} {ov[w]['mean_e2e_ms']:.1f} ms" for w in variants))
-    if server2 is not None:
-        out["nodelay_server_exit"] = server2.stop()
     aengine.close()
     engine.close()
 
@@ -485,46 +465,6 @@ def worker(args) -> dict:
     out["wall_s"] = time.perf_counter() - t_worker
     say(f"done in {out['wall_s']:.0f} s; rss {rss}")
     return out
-
-
-def serve_nodelay(argv: list[str]) -> int:
-    """`mini-engine serve` with its listening socket made with getaddrinfo's protocol (IPPROTO_TCP).
-    Before commit bbf2989 Server._bind made it with proto 0, and asyncio only sets TCP_NODELAY on a
-    transport whose socket says IPPROTO_TCP, so every connection kept Nagle's algorithm: a response
-    written in parts (headers, then body) waited for the client's delayed ACK, about 40 ms on Linux,
-    on each request of a kept-alive connection after the first. This variant measured what that
-    cost (--nodelay-variant); since the fix it behaves as the shipped server does."""
-    import mini_engine  # noqa: F401 - first: OpenBLAS's thread timeout
-    import socket
-
-    from mini_engine.config import load_config
-    from mini_engine.errors import ConfigError
-    from mini_engine.server.launcher import Server
-
-    model, backend, device, *rest = argv
-    log_csv = rest[rest.index("--log-csv") + 1] if "--log-csv" in rest else ""
-
-    class NodelayServer(Server):
-        def _bind(self):
-            sc = self.cfg.server
-            try:
-                family, kind, proto, _, addr = socket.getaddrinfo(sc.host, sc.port, type=socket.SOCK_STREAM,
-                                                                  flags=socket.AI_PASSIVE)[0]
-                sock = socket.socket(family, kind, proto)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                sock.bind(addr)
-            except OSError as e:
-                raise ConfigError(f"cannot listen on {sc.host}:{sc.port}: {e}") from None
-            sock.set_inheritable(True)
-            self._socket = sock
-            return sock
-
-    cfg = load_config(None, **{"model.source": model, "backend.name": backend, "backend.device": device,
-                               "server.host": "127.0.0.1", "server.port": 0, "server.log_csv": log_csv})
-    server = NodelayServer(cfg)
-    server.run(lambda: print(f"mini-engine: serving {server.model_name} ({backend}:{device}, TCP_NODELAY) on "
-                             f"{server.url}", file=sys.stderr, flush=True))
-    return 0
 
 
 def dataclass_replace(obj, **kw):
@@ -588,7 +528,7 @@ def markdown(rep: dict) -> str:
         if r.get("status") != "ok":
             lines += [f"**{r['target']}: failed: {r.get('reason')}**", ""]
     # headline
-    labels = {"http": "HTTP (mini-engine serve)", "http_nodelay": "HTTP, TCP_NODELAY forced"}
+    labels = {"http": "HTTP (mini-engine serve)"}
     lines += ["## Targets (part c: %d concurrent streaming clients x %d new tokens, medians of %d rounds)" %
               (s["clients"], s["max_tokens"], s["rounds"]), "",
               "tok/s = output tokens of the %d requests / wall time from the first send to the last answer. "
@@ -792,8 +732,6 @@ def cpu_flags() -> str:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["--serve-nodelay"]:
-        return serve_nodelay(argv[1:])
     args = parse_args(argv)
     if args.worker:
         print(json.dumps(worker(args), default=str))
