@@ -19,6 +19,11 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def uptime() -> str:
+    """`uptime`'s line: the load averages a result file records before and after a run."""
+    return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+
+
 def copy_bandwidth_gbps() -> float:
     import mini_engine  # noqa: F401 - first: it sets OpenBLAS's thread timeout before numpy loads OpenBLAS
     import numpy as np

@@ -36,7 +36,7 @@ from pathlib import Path
 import psutil
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_common import command_line, cpu_model, write_report  # noqa: E402
+from bench_common import command_line, cpu_model, uptime, write_report  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 MINI = [sys.executable, "-m", "mini_engine"]
@@ -70,10 +70,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def uptime() -> str:
-    return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
 
 
 class Target:

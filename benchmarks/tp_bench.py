@@ -31,6 +31,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+from bench_common import uptime  # noqa: E402
 
 TARGETS = {"tp1": {}, "tp1-torch": {"gemv": "off"}, "tp2": {"tensor_parallel_size": 2},
            "tp2-gloo": {"tensor_parallel_size": 2, "tp_comm": "gloo"}}
@@ -123,10 +124,6 @@ def cpu_model() -> str:
     from bench_common import cpu_model as model
 
     return f"{model()} ({len(os.sched_getaffinity(0))} cores)"
-
-
-def uptime() -> str:
-    return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
 
 
 def main(argv=None) -> None:
