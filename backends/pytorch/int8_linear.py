@@ -39,6 +39,8 @@ from torch import nn
 
 from mini_engine.errors import ConfigError
 
+from .linears import swap_linears
+
 # Activations are stored as uint8 q + zero point, the zero point fixed per level count (never per
 # batch): 128 for |q| <= 127; 64 for |q| <= 63, so every uint8 value is <= 127.
 _ZERO_POINT = {127: 128, 63: 64}
@@ -254,12 +256,7 @@ def quantize_model(model: nn.Module, dtype: str, lm_head: bool, block_size: int 
     """
     levels = activation_levels()
     make = (lambda w, b: Int8Linear(w, b, levels)) if dtype == "int8" else (lambda w, b: Int4Linear(w, b, block_size))
-    count = 0
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, nn.Linear):
-                setattr(parent, name, make(child.weight, child.bias))
-                count += 1
+    count = swap_linears(model, make)
     head_kind = "float32 (oneDNN)"
     if lm_head:
         head = Int8Linear(model.wte.weight, None, levels)

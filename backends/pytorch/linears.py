@@ -28,16 +28,22 @@ def onednn_usable() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
-def replace_linears(model: nn.Module) -> int:
-    """Swap every nn.Linear of the GPT-2 module, and its tied lm_head, for CpuLinear."""
-    if not onednn_usable():
-        return 0
+def swap_linears(model: nn.Module, make) -> int:
+    """Replace every nn.Linear of `model` by make(weight, bias); returns how many."""
     count = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.Linear):
-                setattr(parent, name, CpuLinear(child.weight, child.bias))
+                setattr(parent, name, make(child.weight, child.bias))
                 count += 1
+    return count
+
+
+def replace_linears(model: nn.Module) -> int:
+    """Swap every nn.Linear of the GPT-2 module, and its tied lm_head, for CpuLinear."""
+    if not onednn_usable():
+        return 0
+    count = swap_linears(model, CpuLinear)
     head = CpuLinear(model.wte.weight, None)
     model.lm_head = head.forward  # a callable, not a submodule (see GPT2.lm_head)
     model._cpu_lm_head = [head]  # keep its weights alive
