@@ -11,6 +11,12 @@ import os
 # decode steps ran 1.6-2.2x slower on 2 cores); 2^20 cycles (~0.3 ms) keeps them hot within
 # a step and idle after it. Read when OpenBLAS loads, so set before numpy is imported.
 os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "20")
+# The same for torch's OpenMP (libgomp) workers, which spin ~300k pause loops (~5 ms here) after
+# each parallel region: the paged-attention kernel's second thread then shares a core with a
+# spinner. 10k keeps them hot between a step's torch ops: at batch 16, context 1000 the kernel
+# took 43-52 ms instead of 70-80, and the step at context 64 did not change
+# (result/cpu/long_context.md). Read when libgomp loads, so set before torch is imported.
+os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
 from .config import Config, load_config
 from .errors import MiniEngineError

@@ -269,12 +269,11 @@ class TorchRunner(Runner):
     def _allocate_kv_pool_impl(self, num_blocks: int, block_size: int, max_num_seqs: int) -> None:
         if self.tp is not None:
             return self.tp.allocate(num_blocks, block_size)
+        from .paged_attention import allocate_pool
+
         cfg = self.config.model.config
-        shape = (num_blocks, cfg.n_head, block_size, cfg.head_dim)
-        # np.zeros maps pages on first write (the kernel reads only written slots), so resident
-        # memory grows with the blocks in use, not with the pool's size.
-        self.pool_keys = [np.zeros(shape, np.float32) for _ in range(cfg.n_layer)]
-        self.pool_values = [np.zeros(shape, np.float32) for _ in range(cfg.n_layer)]
+        self.pool_keys, self.pool_values = allocate_pool(cfg.n_layer, num_blocks, cfg.n_head, block_size,
+                                                         cfg.head_dim)
         self.kernel_threads = self.options.threads or self.torch.get_num_threads()
 
     def _free_kv_pool_impl(self) -> None:

@@ -4,8 +4,6 @@ The same code runs on rank 0 (inside the engine's process) and on every spawned 
 """
 from __future__ import annotations
 
-import numpy as np
-
 
 class Rank:
     def __init__(self, pg, source, rank: int, tp: int, threads: int, linear: str, timeout_s: float,
@@ -32,10 +30,11 @@ class Rank:
         self.pool_values: list = []
 
     def allocate(self, num_blocks: int, block_size: int) -> None:
-        # This rank's heads of every block: (num_blocks, n_head / tp, block_size, head_dim).
-        shape = (num_blocks, self.heads, block_size, self.cfg.head_dim)
-        self.pool_keys = [np.zeros(shape, np.float32) for _ in range(self.cfg.n_layer)]
-        self.pool_values = [np.zeros(shape, np.float32) for _ in range(self.cfg.n_layer)]
+        from ..paged_attention import allocate_pool
+
+        # This rank's heads (n_head / tp) of every block.
+        self.pool_keys, self.pool_values = allocate_pool(self.cfg.n_layer, num_blocks, self.heads, block_size,
+                                                         self.cfg.head_dim)
 
     def free(self) -> None:
         self.pool_keys = self.pool_values = []

@@ -1,0 +1,83 @@
+"""The torch backend's paged-attention kernel against plain numpy attention over the same tokens.
+
+A mixed step (decodes, a prefill chunk, a row whose context ends mid-block), on one thread and
+split over two (by tokens, and a single token's heads), with large stale values in the slots a
+row does not own, and scores that grow block after block (the online softmax's rescale path).
+"""
+import numpy as np
+import pytest
+
+pa = pytest.importorskip("mini_engine_backends.pytorch.paged_attention")
+
+H, D, BS = 4, 16, 4
+
+
+def reference(q, k_rows, v_rows, query_start, context_lens, scale):
+    out = np.empty_like(q)
+    for r in range(len(context_lens)):
+        for t in range(query_start[r], query_start[r + 1]):
+            n = context_lens[r] + (t - query_start[r]) + 1
+            for h in range(H):
+                s = (k_rows[r][:n, h] @ q[t, h]) * scale
+                p = np.exp(s - s.max())
+                out[t, h] = (p / p.sum()) @ v_rows[r][:n, h]
+    return out
+
+
+def build(contexts, new_tokens, rng, growing=False):
+    """Pool, block tables and slots for rows that hold `contexts` tokens and add `new_tokens` each."""
+    blocks_per_row = [-(-(c + n) // BS) for c, n in zip(contexts, new_tokens)]
+    num_blocks = sum(blocks_per_row) + 3
+    keys, values = pa.allocate_pool(1, num_blocks, H, BS, D)
+    keys[0][...] = 1e4  # stale values everywhere: a slot read that should not be shows at once
+    values[0][...] = 1e4
+    order = rng.permutation(num_blocks)
+    tables = np.zeros((len(contexts), max(blocks_per_row)), np.int32)
+    k_rows, v_rows, slots, q, k_new, v_new = [], [], [], [], [], []
+    at = 0
+    for r, (c, n) in enumerate(zip(contexts, new_tokens)):
+        tables[r, :blocks_per_row[r]] = order[at:at + blocks_per_row[r]]
+        at += blocks_per_row[r]
+        kr = rng.standard_normal((c + n, H, D)).astype(np.float32)
+        if growing:  # later keys align better with q: the running max rises block after block
+            kr += np.linspace(0, 3, c + n, dtype=np.float32)[:, None, None]
+        vr = rng.standard_normal((c + n, H, D)).astype(np.float32)
+        for t in range(c):
+            blk, off = tables[r, t // BS], t % BS
+            keys[0][blk, :, off], values[0][blk, :, off] = kr[t], vr[t]
+        for t in range(c, c + n):
+            slots.append(tables[r, t // BS] * BS + t % BS)
+        k_rows.append(kr)
+        v_rows.append(vr)
+        k_new.append(kr[c:])
+        v_new.append(vr[c:])
+        q.append(rng.standard_normal((n, H, D)).astype(np.float32) + (1.0 if growing else 0.0))
+    query_start = np.concatenate([[0], np.cumsum(new_tokens)]).astype(np.int64)
+    step = type("Step", (), dict(slot_mapping=np.array(slots, np.int64), block_tables=tables,
+                                 query_start=query_start, context_lens=np.array(contexts, np.int64)))
+    return keys, values, step, np.concatenate(q), np.concatenate(k_new), np.concatenate(v_new), k_rows, v_rows
+
+
+@pytest.mark.parametrize("threads,min_split", [(1, 20_000), (2, 0)])
+@pytest.mark.parametrize("growing", [False, True])
+def test_mixed_step_matches_numpy(monkeypatch, threads, min_split, growing):
+    monkeypatch.setattr(pa, "MIN_SPLIT_KEYS", min_split)
+    rng = np.random.default_rng(0)
+    contexts, new_tokens = [0, 5, 8, 13, 30], [6, 1, 1, 3, 1]  # a prompt chunk, decodes, a later chunk
+    keys, values, step, q, k, v, k_rows, v_rows = build(contexts, new_tokens, rng, growing)
+    kv = pa.PagedKV(keys, values, step, H, D, threads)
+    assert (len(kv.edges) - 1) == (threads if min_split == 0 else 1)
+    got = kv.attend_np(0, q, k, v)
+    want = reference(q, k_rows, v_rows, step.query_start, step.context_lens, np.float32(1 / np.sqrt(D)))
+    np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-5)
+
+
+def test_single_token_splits_its_heads(monkeypatch):
+    monkeypatch.setattr(pa, "MIN_SPLIT_KEYS", 0)
+    rng = np.random.default_rng(1)
+    keys, values, step, q, k, v, k_rows, v_rows = build([21], [1], rng)
+    kv = pa.PagedKV(keys, values, step, H, D, 2)
+    assert kv.groups == 2 and kv.edges == [0, 1, 2]  # one token, its heads in two halves
+    got = kv.attend_np(0, q, k, v)
+    want = reference(q, k_rows, v_rows, step.query_start, step.context_lens, np.float32(1 / np.sqrt(D)))
+    np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-5)
