@@ -35,6 +35,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench_common import command_line, copy_bandwidth_gbps, cpu_model, run_targets, write_report  # noqa: E402
 
 
+BLOCK = 16  # tokens per KV block, the scheduler's default
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="random:gpt2")
@@ -42,6 +45,7 @@ def parse_args(argv=None):
     p.add_argument("--batch-sizes", default="1,16")
     p.add_argument("--contexts", default="64,256,512,1000")
     p.add_argument("--steps", type=int, default=7)
+    p.add_argument("--rounds", type=int, default=3, help="rounds over all contexts; figures are medians over rounds")
     p.add_argument("--paths", default="paged,static")
     p.add_argument("--out", default=None, help="write OUT.json and OUT.md")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -51,10 +55,9 @@ def parse_args(argv=None):
 def worker(args) -> list[dict]:
     import mini_engine  # noqa: F401 - first: it sets OpenBLAS's thread timeout before numpy loads it
     import numpy as np
-    from mini_engine.core.plan import PagedStep
     from mini_engine.model.source import resolve_model
     from mini_engine.registry import get_backend
-    from mini_engine.runner import RunnerConfig, StepInput
+    from mini_engine.runner import RunnerConfig
 
     backend, _, device = args.worker.partition(":")
     source = resolve_model(args.model)
@@ -68,67 +71,85 @@ def worker(args) -> list[dict]:
     kv_per_token = runner.kv_bytes_per_token
     rng = np.random.default_rng(0)
 
-    def timed(fn) -> float:
-        fn()
-        fn()
-        out = []
-        for _ in range(args.steps):
-            t = time.perf_counter()
-            fn()
-            out.append(time.perf_counter() - t)
-        return statistics.median(out) * 1e3
-
     for path in paths:
         if path == "paged" and runner.paged_unsupported_reason():
             rows.append({"target": args.worker, "path": path, "status": "skipped",
                          "reason": runner.paged_unsupported_reason()})
             continue
         for b in batches:
+            per_row = -(-(max(contexts) + 1) // BLOCK)
             if path == "paged":
-                bs = 16
-                per_row = -(-(max(contexts) + 1) // bs)
-                runner.allocate_kv_pool(b * per_row, bs, b)
+                runner.allocate_kv_pool(b * per_row, BLOCK, b)
                 _fill(runner)
+            # Rounds visit every context in turn, so a slow minute of a shared machine lands on all
+            # contexts of a round rather than on one context's figure.
+            times = {ctx: [] for ctx in contexts}
+            for _ in range(args.rounds):
+                for ctx in contexts:
+                    times[ctx].append(one_step_ms(runner, path, backend, b, ctx, per_row, cfg, rng, args.steps))
+            base = times[contexts[0]]
             for ctx in contexts:
-                ids = rng.integers(0, 50000, b).astype(np.int64)
-                if path == "paged":
-                    tables = rng.permutation(b * per_row).reshape(b, per_row).astype(np.int32)
-                    pos = np.full(b, ctx, np.int64)
-                    slots = tables[np.arange(b), ctx // bs].astype(np.int64) * bs + ctx % bs
-                    step = PagedStep(ids, pos, np.arange(b + 1, dtype=np.int64), np.full(b, ctx, np.int64),
-                                     tables, slots, np.arange(b, dtype=np.int64), bs, [f"s{i}" for i in range(b)])
-                    if runner.kv_layout == "slots":
-                        # A row per sequence: pretend each row already holds `ctx` tokens and keep the
-                        # step from advancing them, so every timed step sees the same context.
-                        for i in range(b):
-                            runner.slot_of[f"s{i}"] = i
-                        runner.free_slots = [s for s in runner.free_slots if s >= b]
-
-                        def run_slots():
-                            runner.slot_len[:b] = ctx
-                            return runner.execute_paged(step)
-                        ms = timed(run_slots)
-                    else:
-                        ms = timed(lambda: runner.execute_paged(step))
-                else:
-                    runner.allocate_kv(b, ctx + 1)
-                    _fill(runner)
-                    step = StepInput(ids[:, None], np.full((b, 1), ctx, np.int64), np.ones((b, ctx + 1), np.int64),
-                                     list(range(b)), ctx)
-                    if backend == "onnxruntime":
-                        ms = timed(lambda: _ort_decode(runner, step, b, ctx, cfg))
-                    else:
-                        ms = timed(lambda: runner.execute(step))
-                    runner.free_kv()
+                ms = statistics.median(times[ctx])
                 kv = b * ctx * kv_per_token
                 rows.append({"target": args.worker, "path": path, "status": "ok", "batch_size": b, "context": ctx,
-                             "step_ms": round(ms, 2), "kv_mb": round(kv / 1e6, 1),
-                             "weights_mb": round(runner.weight_bytes / 1e6, 1),
+                             "step_ms": round(ms, 2), "rounds_ms": [round(t, 2) for t in times[ctx]],
+                             "vs_first": round(statistics.median(t / t0 for t, t0 in zip(times[ctx], base)), 3),
+                             "kv_mb": round(kv / 1e6, 1), "weights_mb": round(runner.weight_bytes / 1e6, 1),
                              "gbps": round((runner.weight_bytes + kv) / ms / 1e6, 1)})
             if path == "paged":
                 runner.free_kv_pool()
     runner.close()
     return rows
+
+
+def timed(fn, steps: int) -> float:
+    """Median ms of `steps` calls of fn, after two warm-up calls."""
+    fn()
+    fn()
+    out = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t)
+    return statistics.median(out) * 1e3
+
+
+def one_step_ms(runner, path, backend, b, ctx, per_row, cfg, rng, steps) -> float:
+    """Decode step ms of `b` rows at context `ctx`: paged (block tables of `per_row` blocks, shuffled) or static."""
+    import numpy as np
+    from mini_engine.core.plan import PagedStep
+    from mini_engine.runner import StepInput
+
+    ids = rng.integers(0, 50000, b).astype(np.int64)
+    if path == "paged":
+        bs = BLOCK
+        tables = rng.permutation(b * per_row).reshape(b, per_row).astype(np.int32)
+        pos = np.full(b, ctx, np.int64)
+        slots = tables[np.arange(b), ctx // bs].astype(np.int64) * bs + ctx % bs
+        step = PagedStep(ids, pos, np.arange(b + 1, dtype=np.int64), np.full(b, ctx, np.int64),
+                         tables, slots, np.arange(b, dtype=np.int64), bs, [f"s{i}" for i in range(b)])
+        if runner.kv_layout == "slots":
+            # A row per sequence: pretend each row already holds `ctx` tokens and keep the
+            # step from advancing them, so every timed step sees the same context.
+            for i in range(b):
+                runner.slot_of[f"s{i}"] = i
+            runner.free_slots = [s for s in runner.free_slots if s >= b]
+
+            def run_slots():
+                runner.slot_len[:b] = ctx
+                return runner.execute_paged(step)
+            return timed(run_slots, steps)
+        return timed(lambda: runner.execute_paged(step), steps)
+    runner.allocate_kv(b, ctx + 1)
+    _fill(runner)
+    step = StepInput(ids[:, None], np.full((b, 1), ctx, np.int64), np.ones((b, ctx + 1), np.int64),
+                     list(range(b)), ctx)
+    try:
+        if backend == "onnxruntime":
+            return timed(lambda: _ort_decode(runner, step, b, ctx, cfg), steps)
+        return timed(lambda: runner.execute(step), steps)
+    finally:
+        runner.free_kv()
 
 
 def _fill(runner) -> None:
@@ -155,19 +176,17 @@ def _ort_decode(runner, step, b, ctx, cfg):
 
 def markdown(report: dict) -> str:
     lines = [f"Decode step time vs context, {report['model']} float32, CPU: {report['cpu']} "
-             f"({report['cores']} cores), numpy copy bandwidth {report['copy_gbps']} GB/s; median of "
-             f"{report['steps']} steps.", "", f"Command: `python {report['command']}`", "",
+             f"({report['cores']} cores), numpy copy bandwidth {report['copy_gbps']} GB/s; step ms: median over "
+             f"{report.get('rounds', 1)} rounds (each visiting every context in turn) of the median of {report['steps']} "
+             f"steps; vs shortest context: median of the per-round ratios.", "", f"Command: `python {report['command']}`", "",
              "| target | path | batch | context | step ms | vs shortest context | KV MB/step | (weights+KV) GB/s |",
              "|---|---|---:|---:|---:|---:|---:|---:|"]
-    base = {}
     for r in report["rows"]:
         if r["status"] != "ok":
             lines.append(f"| {r['target']} | {r['path']} | | | skipped: {r['reason']} | | | |")
             continue
-        key = (r["target"], r["path"], r["batch_size"])
-        base.setdefault(key, r["step_ms"])
         lines.append(f"| {r['target']} | {r['path']} | {r['batch_size']} | {r['context']} | {r['step_ms']:.1f} | "
-                     f"{r['step_ms'] / base[key]:.2f}x | {r['kv_mb']:.0f} | {r['gbps']:.1f} |")
+                     f"{r['vs_first']:.2f}x | {r['kv_mb']:.0f} | {r['gbps']:.1f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -180,7 +199,7 @@ def main(argv=None) -> int:
     for target, got, reason in run_targets(__file__, args):
         rows += got if reason is None else [{"target": target, "path": "-", "status": "skipped", "reason": reason}]
     report = {"command": command_line(), "model": args.model, "cpu": cpu_model(), "cores": os.cpu_count(),
-              "copy_gbps": copy_bandwidth_gbps(), "steps": args.steps, "rows": rows}
+              "copy_gbps": copy_bandwidth_gbps(), "steps": args.steps, "rounds": args.rounds, "rows": rows}
     write_report(args.out, report, markdown(report))
     return 0
 

@@ -1,108 +1,168 @@
 #!/usr/bin/env python
-"""Probe: why the torch backend's paged-attention kernel reads its KV blocks at ~7-8 GB/s on one
-core when a plain numba sum streams 22-27 GB/s here, and what one alternative task layout buys.
+"""Probe: how fast the torch backend's paged-attention kernel reads its KV blocks, against the
+kernel it replaced and against a plain streaming read of the same bytes.
 
-The kernel in backends/pytorch/paged_attention.py runs one task per (token, head): it walks a
-row's blocks reading one head's [block_size, head_dim] slice of each (4 KB at block 16, a page of
-its own, 48 KB from the next head's), so every slice starts a fresh prefetch stream. The variant
-here (`kern_heads`) makes a task one token over a range of heads, so consecutive reads walk a
-block's heads in address order. Single thread, the 12 layers of GPT-2 small, blocks in a shuffled
-order as in a pool in use; the same numbers as the kernel (max |diff| printed).
+Kernels, on the 12 layers of GPT-2 small, block 16, blocks in shuffled order as in a pool in use:
+- before: one task per (token, head): it reads one head's 4 KB slice of each block of the row
+  (the next slice it reads is 48 KB away), all K first, then all V after a softmax pass;
+- shipped (backends/pytorch/paged_attention.py): a task walks a row's blocks once for all its
+  heads, K and V of a block back to back, online softmax; the pool on transparent huge pages.
+Both on 1 and 2 threads (2: tokens split by keys, or a single token's heads split in halves), and
+torch.sum over one array of the same bytes: the read rate a well-vectorized loop reaches here.
+The kernels run outside any torch op, as in a step only after torch's OpenMP workers stop
+spinning (mini_engine sets GOMP_SPINCOUNT; see mini_engine/__init__.py).
 
-    python benchmarks/paged_kernel_probe.py ROWS CONTEXT      # e.g. 1 1000, 16 1000
+    python benchmarks/paged_kernel_probe.py --rows 1 --context 1000 [--rounds 9] [--small-pages]
 """
 import mini_engine  # noqa: F401 - before numpy (OpenBLAS settings)
-import math, time, statistics, numpy as np, sys
+
+import argparse
+import math
+import statistics
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
 from numba import njit
 
+import mini_engine_backends.pytorch.paged_attention as pa
+
+
 @njit(nogil=True, fastmath=True)
-def kern_heads(q, kpool, vpool, block_tables, rows, query_start, context_lens, scale, out, lo, hi, h0, h1):
-    """task = token; heads h0..h1-1 of it; reads each block's [h0:h1] slab (contiguous) once for K, once for V."""
+def before(q, kpool, vpool, block_tables, rows, query_start, context_lens, scale, out, lo, hi):
+    """The kernel before this one: task = token * n_head + head, K [blk, h, o, d]."""
     n_tok, n_head, dim = q.shape
     bs = kpool.shape[2]
-    for i in range(lo, hi):
+    for task in range(lo, hi):
+        i = task // n_head
+        h = task - i * n_head
         r = rows[i]
         n = context_lens[r] + (i - query_start[r]) + 1
-        nblk = (n + bs - 1) // bs
-        nh = h1 - h0
-        scores = np.empty((nh, nblk * bs), np.float32)
-        best = np.full(nh, np.float32(-3.0e38))
-        qs = np.empty((nh, dim), np.float32)
-        for hh in range(nh):
-            for d in range(dim):
-                qs[hh, d] = q[i, h0 + hh, d] * scale
-        for j in range(nblk):
+        scores = np.empty(n, np.float32)
+        qv = q[i, h]
+        best = np.float32(-3.0e38)
+        t = 0
+        for j in range((n + bs - 1) // bs):
             blk = block_tables[r, j]
-            m = min(bs, n - j * bs)
-            for hh in range(nh):
-                kb = kpool[blk, h0 + hh]
-                qv = qs[hh]
-                for o in range(m):
-                    s = np.float32(0.0)
-                    for d in range(dim):
-                        s += qv[d] * kb[o, d]
-                    scores[hh, j * bs + o] = s
-                    if s > best[hh]:
-                        best[hh] = s
-        acc = np.zeros((nh, dim), np.float32)
-        for hh in range(nh):
-            total = np.float32(0.0)
-            b = best[hh]
-            for t in range(n):
-                e = np.float32(math.exp(scores[hh, t] - b))
-                scores[hh, t] = e
-                total += e
-            scores[hh, :n] *= np.float32(1.0) / total
-        for j in range(nblk):
+            for o in range(min(bs, n - j * bs)):
+                s = np.float32(0.0)
+                for d in range(dim):
+                    s += qv[d] * kpool[blk, h, o, d]
+                s *= scale
+                scores[t] = s
+                if s > best:
+                    best = s
+                t += 1
+        total = np.float32(0.0)
+        for t in range(n):
+            e = math.exp(scores[t] - best)
+            scores[t] = e
+            total += e
+        acc = np.zeros(dim, np.float32)
+        t = 0
+        for j in range((n + bs - 1) // bs):
             blk = block_tables[r, j]
-            m = min(bs, n - j * bs)
-            for hh in range(nh):
-                vb = vpool[blk, h0 + hh]
-                a = acc[hh]
-                for o in range(m):
-                    w = scores[hh, j * bs + o]
-                    for d in range(dim):
-                        a[d] += w * vb[o, d]
-        for hh in range(nh):
-            for d in range(dim):
-                out[i, h0 + hh, d] = acc[hh, d]
+            for o in range(min(bs, n - j * bs)):
+                w = scores[t]
+                for d in range(dim):
+                    acc[d] += w * vpool[blk, h, o, d]
+                t += 1
+        inv = np.float32(1.0) / total
+        for d in range(dim):
+            out[i, h, d] = acc[d] * inv
 
-import mini_engine_backends.pytorch.paged_attention as pa
-H, D, BS, L = 12, 64, 16, 12
-rng = np.random.default_rng(0)
-rows = int(sys.argv[1]); ctx = int(sys.argv[2])
-per = (ctx + 1 + BS - 1) // BS
-nb = rows * per + 1
-kp = [rng.standard_normal((nb, H, BS, D), dtype=np.float32) for _ in range(L)]
-vp = [rng.standard_normal((nb, H, BS, D), dtype=np.float32) for _ in range(L)]
-tables = rng.permutation(rows * per).astype(np.int32).reshape(rows, per)
-qs = np.arange(rows + 1, dtype=np.int32); cl = np.full(rows, ctx, np.int32)
-q = rng.standard_normal((rows, H, D), dtype=np.float32)
-rws, _ = pa.split_tasks(qs, cl, H, 1)
-ref = np.empty_like(q); pa.attention_tasks(q, kp[0], vp[0], tables, rws, qs, cl, np.float32(0.125), ref, 0, rows*H)
-o = np.empty_like(q); kern_heads(q, kp[0], vp[0], tables, rws, qs, cl, np.float32(0.125), o, 0, rows, 0, H)
-print("maxdiff", float(np.abs(o - ref).max()))
-mb = rows * L * 2 * H * (ctx + 1) * D * 4 / 1e6
-from concurrent.futures import ThreadPoolExecutor
-ex = ThreadPoolExecutor(1)
-def cur():
-    o = np.empty_like(q)
-    for l in range(L): pa.attention_tasks(q, kp[l], vp[l], tables, rws, qs, cl, np.float32(0.125), o, 0, rows*H)
-def heads1():
-    o = np.empty_like(q)
-    for l in range(L): kern_heads(q, kp[l], vp[l], tables, rws, qs, cl, np.float32(0.125), o, 0, rows, 0, H)
-def heads2():
-    o = np.empty_like(q)
-    for l in range(L):
-        f = ex.submit(kern_heads, q, kp[l], vp[l], tables, rws, qs, cl, np.float32(0.125), o, 0, rows, H//2, H)
-        kern_heads(q, kp[l], vp[l], tables, rws, qs, cl, np.float32(0.125), o, 0, rows, 0, H//2)
-        f.result()
-fns = {"current 1 thread": cur, "all-heads 1 thread": heads1, "all-heads 2 threads (6 heads each)": heads2}
-res = {k: [] for k in fns}
-for f in fns.values(): f()
-for _ in range(7):
-    for k, f in fns.items():
-        t = time.perf_counter(); f(); res[k].append(time.perf_counter() - t)
-for k, v in res.items():
-    m = statistics.median(v) * 1e3
-    print(f"rows {rows} ctx {ctx} {k}: {m:.2f} ms ({mb/m:.1f} GB/s)")
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rows", type=int, default=1)
+    p.add_argument("--context", type=int, default=1000)
+    p.add_argument("--rounds", type=int, default=9)
+    p.add_argument("--small-pages", action="store_true", help="the shipped kernel's pool on 4 KB pages")
+    a = p.parse_args()
+    H, D, BS, L = 12, 64, 16, 12
+    rng = np.random.default_rng(0)
+    rows, ctx = a.rows, a.context
+    per = (ctx + 1 + BS - 1) // BS
+    nb = rows * per + 1
+    # before: np.zeros pools (4 KB pages), as it shipped.
+    kp = [rng.standard_normal((nb, H, BS, D), dtype=np.float32) for _ in range(L)]
+    vp = [rng.standard_normal((nb, H, BS, D), dtype=np.float32) for _ in range(L)]
+    if a.small_pages:
+        kt = [np.zeros((nb, H, BS, D), np.float32) for _ in range(L)]
+        vt = [np.zeros((nb, H, BS, D), np.float32) for _ in range(L)]
+    else:
+        kt, vt = pa.allocate_pool(L, nb, H, BS, D)
+    for layer in range(L):
+        kt[layer][...] = kp[layer]
+        vt[layer][...] = vp[layer]
+    tables = rng.permutation(rows * per).astype(np.int32).reshape(rows, per)
+    qs = np.arange(rows + 1, dtype=np.int32)
+    cl = np.full(rows, ctx, np.int32)
+    q = rng.standard_normal((rows, H, D), dtype=np.float32)
+    sc = np.float32(1 / math.sqrt(D))
+    rws = np.arange(rows)
+    ex = ThreadPoolExecutor(1)
+
+    def run_before(threads):
+        o = np.empty_like(q)
+        tasks = rows * H
+        cut = tasks // 2
+        for layer in range(L):
+            args = (q, kp[layer], vp[layer], tables, rws, qs, cl, sc, o)
+            if threads == 1:
+                before(*args, 0, tasks)
+            else:
+                f = ex.submit(before, *args, cut, tasks)
+                before(*args, 0, cut)
+                f.result()
+        return o
+
+    def run_shipped(threads):
+        o = np.empty_like(q)
+        groups = 2 if threads == 2 and rows < 4 else 1
+        units = rows * groups
+        for layer in range(L):
+            args = (q, kt[layer], vt[layer], tables, rws, qs, cl, sc, o, groups)
+            if threads == 1:
+                pa.attention_units(*args, 0, rows)
+            else:
+                f = ex.submit(pa.attention_units, *args, units // 2, units)
+                pa.attention_units(*args, 0, units // 2)
+                f.result()
+        return o
+
+    def rounds(fns: dict) -> dict:
+        res = {k: [] for k in fns}
+        for f in fns.values():
+            f()
+        for _ in range(a.rounds):
+            for k, f in fns.items():
+                t = time.perf_counter()
+                f()
+                res[k].append(time.perf_counter() - t)
+        return res
+
+    print("max |before - shipped|:", float(np.abs(run_before(1) - run_shipped(1)).max()))
+    res = rounds({f"{name} {t} thread{'s' if t > 1 else ''}": (lambda fn=fn, t=t: fn(t))
+                  for name, fn in (("before", run_before), ("shipped", run_shipped)) for t in (1, 2)})
+    # The reference last, in rounds of its own: torch's OpenMP workers then never share the cores
+    # with the kernels' threads.
+    import torch
+
+    flat = torch.ones(rows * L * 2 * H * (ctx + 1) * D, dtype=torch.float32)
+
+    def run_sum(threads):
+        torch.set_num_threads(threads)
+        flat.sum()
+    res.update(rounds({f"torch.sum {t} thread{'s' if t > 1 else ''}": (lambda t=t: run_sum(t)) for t in (1, 2)}))
+    mb = flat.numel() * 4 / 1e6
+    pages = "4 KB pages" if a.small_pages else "huge pages (madvise)"
+    print(f"rows {rows} x context {ctx}: K+V {mb:.0f} MB per step, shipped pool on {pages}, "
+          f"median of {a.rounds} rounds (kernels alternating)")
+    for k, v in res.items():
+        m = statistics.median(v) * 1e3
+        print(f"  {k:24s} {m:8.2f} ms  {mb / m:5.1f} GB/s")
+
+
+if __name__ == "__main__":
+    main()
