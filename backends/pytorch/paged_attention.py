@@ -11,7 +11,7 @@ Why this loop order (each measured against the one before it, benchmarks/paged_k
 - A task walks a row's blocks once for all its heads, K and V of each block back to back, so
   reads go through a block in address order instead of restarting the prefetcher at every
   head's 4 KB slice; softmax is online (a running max and sum per head) so one pass suffices.
-  Together ~1.2x (batch 1) to 1.4x (batch 16) on one thread at context 1000.
+  Together 1.4-1.7x on one thread at context 1000 (result/cpu/paged_kernel_probe.md).
 - The pool asks for transparent huge pages (this machine's THP is `madvise` only): the blocks of
   a pool in use lie in shuffled order, and 4 KB pages cost TLB misses on every block.
 - Transposing K per block (so a block's scores are one vector loop over its keys) measured
@@ -127,7 +127,9 @@ def attention_units(q, kpool, vpool, block_tables, rows, query_start, context_le
                 out[i, h, d] = acc[h, d] * inv
 
 
-# Below this many keys read per layer (all heads), splitting costs more (a thread hand-off) than it saves.
+# Below this many keys read per layer (all heads), splitting costs more (a thread hand-off) than it
+# saves: batch-1 decode at context 1000 (12k keys) ran 1.3x slower on two threads than on one
+# (result/cpu/paged_kernel_probe.md).
 MIN_SPLIT_KEYS = 20_000
 _POOLS: dict = {}
 
