@@ -1,0 +1,97 @@
+#!/usr/bin/env python
+"""Where an ONNX Runtime decode step spends its time, per operator type, from ORT's own profiler.
+
+Loads the onnxruntime backend for --model / --dtype (exporting on first use, as the backend does),
+then runs the graph it serves for continuous batching (gqa-v1) in a session of its own with
+profiling on: --steps decode steps of --batch rows after --past cached tokens. Prints the mean
+model_run time, and per operator type the kernel time a step spends in it, with the bytes of
+weights a step reads and the rate the quantized MatMuls read them at.
+
+    python benchmarks/ort_op_profile.py --model random:gpt2 --dtype int8 --batch 1 --past 32
+
+Profiling adds overhead of its own (timestamps per node), and spinning is off so ORT's idle
+threads do not count; compare operator shares, not the total, with other benchmarks.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_common import cpu_model  # noqa: E402
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="random:gpt2")
+    p.add_argument("--dtype", default="int8")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--past", type=int, default=32)
+    p.add_argument("--steps", type=int, default=40)
+    args = p.parse_args(argv)
+
+    import mini_engine  # noqa: F401 - before numpy (OpenBLAS settings)
+    import numpy as np
+    import onnxruntime as ort
+    from mini_engine.model.source import resolve_model
+    from mini_engine.registry import get_backend
+    from mini_engine.runner import RunnerConfig
+    from mini_engine_export.onnx_gqa import GqaKV, run_step
+
+    source = resolve_model(args.model)
+    runner = get_backend("onnxruntime")(RunnerConfig(model=source, device="cpu", dtype=args.dtype))
+    runner.load()
+    graph, weight_bytes = str(runner.onnx_file), runner.weight_bytes
+    runner.close()
+
+    cfg = source.config
+    with tempfile.TemporaryDirectory() as tmp:
+        so = ort.SessionOptions()
+        so.enable_profiling = True
+        so.profile_file_prefix = str(Path(tmp) / "ort")
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        sess = ort.InferenceSession(graph, so, providers=["CPUExecutionProvider"])
+        kv = GqaKV.allocate(cfg, args.batch, cfg.n_positions)
+        for buf in kv.keys + kv.values:  # mapped, as a cache in use is (untouched pages read as the zero page)
+            buf.fill(0.01)
+        for s in range(args.steps):
+            pos = args.past + s
+            feeds = {"input_ids": np.full((args.batch, 1), 11, np.int64),
+                     "position_ids": np.full((args.batch, 1), pos, np.int64),
+                     "seqlens_k": np.full(args.batch, pos, np.int32),
+                     "total_sequence_length": np.array(cfg.n_positions, np.int32),
+                     "query_lens": np.ones(args.batch, np.int32)}
+            run_step(sess, kv, feeds, 0)
+        events = json.loads(Path(sess.end_profiling()).read_text())
+
+    per_op, calls = collections.Counter(), collections.Counter()
+    run_us, runs = 0.0, 0
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+            op = e["args"].get("op_name")
+            per_op[op] += e["dur"]
+            calls[op] += 1
+        elif e.get("cat") == "Session" and e["name"] == "model_run":
+            run_us += e["dur"]
+            runs += 1
+    step_us = run_us / runs
+    print(f"{args.model} {args.dtype}, batch {args.batch}, {args.past}+ cached tokens, {args.steps} steps; "
+          f"CPU: {cpu_model()}; graph {graph}")
+    print(f"model_run: {step_us / 1e3:.2f} ms a step (profiling on); weights read a step: {weight_bytes / 1e6:.1f} MB")
+    print("| op | ms a step | share | calls a step |")
+    print("|---|---:|---:|---:|")
+    for op, us in per_op.most_common():
+        print(f"| {op} | {us / runs / 1e3:.3f} | {us / run_us:.0%} | {calls[op] / runs:.0f} |")
+    matmul_ops = {"DynamicQuantizeMatMul", "MatMulInteger", "MatMulNBits", "MatMul", "Gemm", "FusedMatMul"}
+    matmul_us = sum(us for op, us in per_op.items() if op in matmul_ops) / runs
+    if matmul_us:
+        print(f"weight-reading ops: {matmul_us / 1e3:.2f} ms a step, {weight_bytes / matmul_us / 1e3:.1f} GB/s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
