@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from conftest import run_cli
 
 from mini_engine.bench.metrics import COLUMNS
@@ -189,3 +191,13 @@ def test_continuous_batching_benchmark_scripts_run(tmp_path):
         report = json.loads(out.with_suffix(".json").read_text())
         assert report["rows"] and report["cpu"] and "python " not in report["command"]
         assert "torch:cpu" in out.with_suffix(".md").read_text()
+
+
+def test_ort_op_profile_script_runs():
+    """benchmarks/ort_op_profile.py end to end on random:tiny (its figures are the committed int8 runs)."""
+    pytest.importorskip("onnxruntime")
+    script = Path(__file__).parent.parent / "benchmarks" / "ort_op_profile.py"
+    proc = subprocess.run([sys.executable, str(script), "--model", "random:tiny", "--dtype", "float32",
+                           "--steps", "3", "--past", "4"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "model_run:" in proc.stdout and "| GroupQueryAttention |" in proc.stdout
