@@ -201,3 +201,27 @@ def test_ort_op_profile_script_runs():
                            "--steps", "3", "--past", "4"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "model_run:" in proc.stdout and "| GroupQueryAttention |" in proc.stdout
+
+
+def test_train_proxy_checkpoint_script_writes_a_loadable_checkpoint(tmp_path):
+    """benchmarks/train_proxy_checkpoint.py, a few steps: the directory it writes is a checkpoint the
+    engine loads (its figures come from the committed 20-minute run)."""
+    script = Path(__file__).parent.parent / "benchmarks" / "train_proxy_checkpoint.py"
+    out = tmp_path / "proxy"
+    proc = subprocess.run([sys.executable, str(script), "--out", str(out), "--max-steps", "2", "--corpus-mb", "0.2",
+                           "--layers", "1", "--width", "64", "--heads", "1", "--batch", "2", "--seq", "16"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    info = json.loads((out / "train_info.json").read_text())
+    assert info["steps"] == 2 and info["corpus"]["tokens"] > 0 and "proxy" in info["what"]
+    from mini_engine.model.source import resolve_model
+
+    assert resolve_model(str(out)).config.n_layer == 1
+
+
+def test_logit_margin_script_runs():
+    script = Path(__file__).parent.parent / "benchmarks" / "logit_margin.py"
+    proc = subprocess.run([sys.executable, str(script), "--models", "random:tiny"], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "| random:tiny |" in proc.stdout
