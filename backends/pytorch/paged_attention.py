@@ -38,8 +38,9 @@ from numba import njit
 def allocate_pool(n_layer: int, num_blocks: int, n_head: int, block_size: int, head_dim: int):
     """(keys, values): one array per layer in the kernel's layout, on huge pages where the OS grants them.
 
-    Anonymous memory is mapped on first write, so resident memory grows with the blocks in use
-    (in 2 MB steps with huge pages), not with the pool's size.
+    Anonymous memory is mapped on first write, so resident memory grows with the blocks in use,
+    not with the pool's size: with huge pages, by each 2 MB region (~42 blocks of GPT-2 small's
+    layer) that holds a written block; the pool's size (scheduler.kv_cache_mib) bounds it.
     """
     def one(shape):
         if not hasattr(mmap, "MAP_ANONYMOUS"):  # not a POSIX system: plain (lazily mapped) zeros
