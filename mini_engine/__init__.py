@@ -15,8 +15,10 @@ os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "20")
 # each parallel region: the paged-attention kernel's second thread then shares a core with a
 # spinner. 10k keeps them hot between a step's torch ops: at batch 16, context 1000 the kernel
 # took 43-52 ms instead of 70-80, and the step at context 64 did not change
-# (result/cpu/long_context.md). Read when libgomp loads, so set before torch is imported.
-os.environ.setdefault("GOMP_SPINCOUNT", "10000")
+# (result/cpu/long_context.md). Read when libgomp loads, so set before torch is imported. A set
+# GOMP_SPINCOUNT overrides OMP_WAIT_POLICY in libgomp, so a user's wait policy is left alone.
+if "OMP_WAIT_POLICY" not in os.environ:
+    os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
 from .config import Config, load_config
 from .errors import MiniEngineError

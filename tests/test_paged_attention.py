@@ -29,7 +29,9 @@ def build(contexts, new_tokens, rng, growing=False):
     blocks_per_row = [-(-(c + n) // BS) for c, n in zip(contexts, new_tokens)]
     num_blocks = sum(blocks_per_row) + 3
     keys, values = pa.allocate_pool(1, num_blocks, H, BS, D)
-    keys[0][...] = 1e4  # stale values everywhere: a slot read that should not be shows at once
+    # Stale values everywhere: K = 0 gives an over-read slot a real softmax weight whatever q's sign,
+    # and V = 1e4 then shows in the output.
+    keys[0][...] = 0.0
     values[0][...] = 1e4
     order = rng.permutation(num_blocks)
     tables = np.zeros((len(contexts), max(blocks_per_row)), np.int32)
@@ -70,6 +72,30 @@ def test_mixed_step_matches_numpy(monkeypatch, threads, min_split, growing):
     got = kv.attend_np(0, q, k, v)
     want = reference(q, k_rows, v_rows, step.query_start, step.context_lens, np.float32(1 / np.sqrt(D)))
     np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-5)
+
+
+def run(contexts, new_tokens, threads, seed=0):
+    rng = np.random.default_rng(seed)
+    keys, values, step, q, k, v, k_rows, v_rows = build(contexts, new_tokens, rng)
+    kv = pa.PagedKV(keys, values, step, H, D, threads)
+    got = kv.attend_np(0, q, k, v)
+    want = reference(q, k_rows, v_rows, step.query_start, step.context_lens, np.float32(1 / np.sqrt(D)))
+    np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-5)
+    return kv, got
+
+
+@pytest.mark.parametrize("contexts,new_tokens,threads,groups", [
+    ([40, 2, 3], [1, 1, 1], 2, 2),     # 3 tokens on 2 threads: too few to balance, heads split
+    ([60, 1, 1, 1, 1], [1] * 5, 2, 2),  # one long row among short decodes: heads split
+    ([9, 20], [1, 1], 3, 3),           # 4 heads in 3 groups (1, 1, 2)
+    ([5], [1], 8, 4),                  # more threads than units: empty shares run nothing
+])
+def test_uneven_splits_match_numpy_and_one_thread(monkeypatch, contexts, new_tokens, threads, groups):
+    monkeypatch.setattr(pa, "MIN_SPLIT_KEYS", 0)
+    kv, got = run(contexts, new_tokens, threads)
+    assert kv.groups == groups and kv.edges[0] == 0 and kv.edges[-1] == len(contexts) * groups
+    _, one = run(contexts, new_tokens, 1)
+    np.testing.assert_array_equal(got, one)  # the same arithmetic per head, whatever the split
 
 
 def test_single_token_splits_its_heads(monkeypatch):

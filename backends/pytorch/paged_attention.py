@@ -18,10 +18,11 @@ Why this loop order (each measured against the one before it, benchmarks/paged_k
   slower than a dot product over head_dim per key, and was dropped.
 
 Threads: the work is split in shares of about equal keys read over plain Python threads running
-the nogil kernel; a step with fewer tokens than 2 per thread (batch-1 decode) splits each token's
-heads instead. numba's own layers measured worse here: its OpenMP layer loads a second OpenMP
-runtime beside torch's (batch-1 decode fell from ~40-60 to 4.8 tok/s), and its workqueue layer
-ran 16 rows x 1000 tokens x 12 layers in ~95-119 ms against ~72 ms for two plain threads.
+the nogil kernel; a step whose tokens cannot balance the shares (fewer than 2 per thread, or one
+long row among short ones) splits each token's heads too. numba's own layers measured worse
+here: its OpenMP layer loads a second OpenMP runtime beside torch's (batch-1 decode fell from
+~40-60 to 4.8 tok/s), and its workqueue layer ran 16 rows x 1000 tokens x 12 layers in ~95-119 ms
+against ~72 ms for two plain threads.
 
 Pool layout per layer, K and V alike: [num_blocks, n_head, block_size, head_dim], so one head's
 slice of a block is contiguous. Float32 only.
@@ -148,7 +149,9 @@ def split_units(query_start: np.ndarray, context_lens: np.ndarray, n_head: int, 
     total = int(keys.sum()) * n_head
     if threads < 2 or total < MIN_SPLIT_KEYS:
         return rows, 1, [0, n_tok]
-    groups = min(threads, n_head) if n_tok < 2 * threads else 1
+    # Split each token's heads when tokens alone cannot balance the shares: too few of them, or one
+    # (a long row beside short decodes) holding more than a share's worth of keys.
+    groups = min(threads, n_head) if n_tok < 2 * threads or int(keys.max()) * threads > int(keys.sum()) else 1
     cum = np.cumsum(np.repeat(keys, groups))
     bounds = np.searchsorted(cum, [int(cum[-1]) * k // threads for k in range(1, threads)]) + 1
     return rows, groups, [0, *[int(b) for b in bounds], n_tok * groups]
