@@ -12,7 +12,8 @@ under sys.base_prefix and the environment's site-packages), sorted by path, read
 minus any file holding compare's fixed text (it is held out). The corpus differs between machines:
 its size and SHA-256 go into the checkpoint's train_info.json.
 
-    python benchmarks/train_proxy_checkpoint.py --out ~/.cache/mini-engine/proxy-gpt2 --minutes 12
+    python benchmarks/train_proxy_checkpoint.py --out ~/.cache/mini-engine/proxy-gpt2 --minutes 20 \
+        --layers 4 --width 256 --heads 4 --batch 16 --seq 128 --corpus-mb 8 --lr 2e-3
     mini-engine compare --model ~/.cache/mini-engine/proxy-gpt2 \
         --targets torch:cpu@float32,onnxruntime:cpu@int8,torch:cpu@int8,onnxruntime:cpu@int4
 """
@@ -93,6 +94,10 @@ def main(argv=None) -> int:
     ids = np.array(tok.encode(text), np.int64)
     print(f"corpus: {n_files} files, {len(text.encode()) / 2**20:.1f} MiB, {len(ids):,} tokens "
           f"({time.perf_counter() - t0:.0f} s to read and tokenize)")
+    if len(ids) < 50 * (args.seq + 1):
+        print(f"error: the corpus has {len(ids)} tokens, too few for --seq {args.seq}; raise --corpus-mb",
+              file=sys.stderr)
+        return 2
     split = int(len(ids) * 0.98)
     train, val = ids[:split], ids[split:]
 
