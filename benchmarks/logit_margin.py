@@ -30,14 +30,16 @@ def main(argv=None) -> int:
     from mini_engine.model.weights import build_model
     from mini_engine.tokenizer import gpt2_tokenizer
 
+    sources = [resolve_model(spec) for spec in args.models.split(",")]  # every spec checked before any output
     ids = gpt2_tokenizer().encode(DEFAULT_TEXT)
     print(f"compare's fixed text, {len(ids) - 1} next-token positions")
     e, e2 = args.error, 2 * args.error
     print(f"| model | median top-1 - top-2 logit gap | gap > {e:g} | gap > {e2:g} (no flip possible) | "
           f"median top-1 probability |")
     print("|---|---:|---:|---:|---:|")
-    for spec in args.models.split(","):
-        model = build_model(resolve_model(spec), "float32", "cpu")
+    for source in sources:
+        spec = source.spec
+        model = build_model(source, "float32", "cpu")
         x = torch.tensor([ids])
         with torch.inference_mode():
             logits = model(x, torch.arange(len(ids))[None], torch.ones_like(x))[0][0, :-1].float()
@@ -50,4 +52,9 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from mini_engine.errors import MiniEngineError
+
+    try:
+        sys.exit(main())
+    except MiniEngineError as e:  # a bad model, dtype or export: one line, not a traceback
+        sys.exit(f"error: {e}")

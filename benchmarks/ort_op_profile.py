@@ -98,4 +98,9 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from mini_engine.errors import MiniEngineError
+
+    try:
+        sys.exit(main())
+    except MiniEngineError as e:  # a bad model, dtype or export: one line, not a traceback
+        sys.exit(f"error: {e}")
