@@ -4,7 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-BACKENDS = ["torch", "onnxruntime"]
+# "torch-ops": the torch backend with paged attention in torch ops (paged_sdpa.py: gathers the
+# blocks; the path CUDA and bfloat16 take) instead of the CPU float32 numba kernel.
+BACKENDS = ["torch", "torch-ops", "onnxruntime"]
 
 
 def hf_greedy(hf_model, prompt_ids, n):
@@ -24,6 +26,8 @@ def engine_for(hf_dir, backend, **scheduler):
     from mini_engine import Engine
 
     sections = {f"scheduler.{k}": v for k, v in scheduler.items()}
+    if backend == "torch-ops":
+        backend, sections["backend.options.paged_attention"] = "torch", "torch"
     return Engine.from_config(None, model=str(hf_dir), backend=backend, **sections)
 
 

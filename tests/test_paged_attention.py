@@ -34,7 +34,7 @@ def build(contexts, new_tokens, rng, growing=False):
     keys[0][...] = 0.0
     values[0][...] = 1e4
     order = rng.permutation(num_blocks)
-    tables = np.zeros((len(contexts), max(blocks_per_row)), np.int32)
+    tables = np.full((len(contexts), max(blocks_per_row)), -1, np.int32)  # -1 past a row's blocks
     k_rows, v_rows, slots, q, k_new, v_new = [], [], [], [], [], []
     at = 0
     for r, (c, n) in enumerate(zip(contexts, new_tokens)):
@@ -56,7 +56,8 @@ def build(contexts, new_tokens, rng, growing=False):
         q.append(rng.standard_normal((n, H, D)).astype(np.float32) + (1.0 if growing else 0.0))
     query_start = np.concatenate([[0], np.cumsum(new_tokens)]).astype(np.int64)
     step = type("Step", (), dict(slot_mapping=np.array(slots, np.int64), block_tables=tables,
-                                 query_start=query_start, context_lens=np.array(contexts, np.int64)))
+                                 query_start=query_start, context_lens=np.array(contexts, np.int64),
+                                 block_size=BS))
     return keys, values, step, np.concatenate(q), np.concatenate(k_new), np.concatenate(v_new), k_rows, v_rows
 
 
@@ -107,3 +108,28 @@ def test_single_token_splits_its_heads(monkeypatch):
     got = kv.attend_np(0, q, k, v)
     want = reference(q, k_rows, v_rows, step.query_start, step.context_lens, np.float32(1 / np.sqrt(D)))
     np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-5)
+
+
+@pytest.mark.parametrize("dtype,tol", [("float32", 2e-5), ("bfloat16", 3e-2)])
+@pytest.mark.parametrize("growing", [False, True])
+def test_torch_ops_path_matches_numpy(dtype, tol, growing):
+    """paged_sdpa.TorchPagedKV (CUDA's and bfloat16's path, run here on CPU) on the same mixed step:
+    decodes batched, each chunk on its own, -1 past a row's blocks, stale K 0 / V 1e4 elsewhere."""
+    import torch
+
+    from mini_engine_backends.pytorch.paged_sdpa import TorchPagedKV
+
+    rng = np.random.default_rng(0)
+    contexts, new_tokens = [0, 5, 8, 13, 30], [6, 1, 1, 3, 1]
+    keys, values, step, q, k, v, k_rows, v_rows = build(contexts, new_tokens, rng, growing)
+    tdt = getattr(torch, dtype)
+    tk = [torch.from_numpy(a.copy()).to(tdt) for a in keys]
+    tv = [torch.from_numpy(a.copy()).to(tdt) for a in values]
+    kv = TorchPagedKV(tk, tv, step, D)
+    assert len(kv.groups) == 3  # the three decode rows together, the two chunks alone
+    got = kv.attend(0, *(torch.from_numpy(a).to(tdt) for a in (q, k, v))).float().numpy()
+    want = reference(q, k_rows, v_rows, step.query_start, step.context_lens, np.float32(1 / np.sqrt(D)))
+    np.testing.assert_allclose(got, want, rtol=tol, atol=tol)
+    # The new tokens landed at their slots, as the kernel's write_kv puts them.
+    blk, off = step.slot_mapping // BS, step.slot_mapping % BS
+    np.testing.assert_allclose(tk[0][blk, :, off].float().numpy(), k, rtol=tol, atol=tol)

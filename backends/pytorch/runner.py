@@ -41,6 +41,12 @@ class TorchOptions:
     # How the ranks sum and gather: "shm" (shared memory, spinning waits; gloo for large tensors)
     # or "gloo" only. Measured in result/cpu/tp/.
     tp_comm: str = "shm"
+    # Continuous batching: how attention reads the KV block pool. "kernel" is the numba kernel that
+    # reads the blocks in place (CPU, float32 KV: float32, int8, int4 weights); "torch" gathers each
+    # step's blocks and runs torch's attention (any device and float dtype; paged_sdpa.py). "auto":
+    # the kernel where it runs, else torch on CPU (bfloat16); on CUDA "auto" keeps static batching
+    # with CUDA graphs, the measured path, until the torch path is measured on a GPU.
+    paged_attention: str = "auto"
 
     def __post_init__(self):
         if self.threads < 0:
@@ -59,6 +65,9 @@ class TorchOptions:
             raise ConfigError(f"backend.options.tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
         if self.tp_comm not in ("shm", "gloo"):
             raise ConfigError(f"backend.options.tp_comm must be shm or gloo, got '{self.tp_comm}'")
+        if self.paged_attention not in ("auto", "kernel", "torch"):
+            raise ConfigError(f"backend.options.paged_attention must be auto, kernel or torch, "
+                              f"got '{self.paged_attention}'")
         if not self.tp_timeout_s > 0:
             raise ConfigError(f"backend.options.tp_timeout_s must be > 0, got {self.tp_timeout_s}")
 
@@ -98,6 +107,7 @@ class TorchRunner(Runner):
                     f"(torch {torch.__version__}; is this a CPU build?)")
         elif self.config.dtype == "float16":
             raise ConfigError("float16 on CPU is not supported by the torch backend; use float32 or bfloat16")
+        self.paged_path, self.paged_reason = self._choose_paged_path(device)
         if self.options.gemv == "blas" and (device != "cpu" or self.config.dtype != "float32"):
             raise ConfigError("backend.options.gemv = 'blas' needs device cpu and dtype float32; use 'auto'")
         # int8 / int4 quantize the linear weights only: embeddings, layer norms, activations between
@@ -152,6 +162,9 @@ class TorchRunner(Runner):
         if cfg.n_head % tp:
             raise ConfigError(f"backend.options.tensor_parallel_size {tp} must divide the model's "
                               f"{cfg.n_head} attention heads")
+        if self.options.paged_attention == "torch":
+            raise ConfigError("tensor parallel ranks read the KV pool with the numba kernel; "
+                              "use backend.options.paged_attention = 'auto' or 'kernel'")
         if self.options.gemv == "blas":
             raise ConfigError("backend.options.gemv = 'blas' is the one-process batch-1 path; "
                               "with tensor_parallel_size > 1 use 'auto'")
@@ -160,6 +173,7 @@ class TorchRunner(Runner):
             raise ConfigError(f"backend.options.tp_comm = 'shm' relies on x86-64 store ordering, and this CPU "
                               f"is {platform.machine()}; use tp_comm = 'gloo'")
         threads = self.options.threads or max(1, cpu_cores() // tp)
+        self.paged_path, self.paged_reason = "kernel", None
         self.model = self.row_step = self.graphs = self.blas_limit = self.quantization = None
         self.keys, self.values = [], []
         self.threads_before = torch.get_num_threads()
@@ -257,23 +271,37 @@ class TorchRunner(Runner):
         self.layout = []
 
     # ----- paged KV pool (continuous batching) ----------------------------------------
+    def _choose_paged_path(self, device: str) -> tuple[str | None, str | None]:
+        """(path, None) for the paged-attention path this runner takes, or (None, why static batching)."""
+        choice, dtype = self.options.paged_attention, self.config.dtype
+        kernel_ok = device == "cpu" and dtype in ("float32", "int8", "int4")  # int8/int4: KV stays float32
+        if choice == "kernel" and not kernel_ok:
+            raise ConfigError(f"backend.options.paged_attention = 'kernel' is the CPU float32-KV kernel, not "
+                              f"{dtype} on {device}; use 'torch' (or 'auto')")
+        if choice == "kernel" or (choice == "auto" and kernel_ok):
+            return "kernel", None
+        if choice == "auto" and device != "cpu":
+            return None, ("the torch backend keeps static batching with CUDA graphs on CUDA by default (the "
+                          "measured path); backend.options.paged_attention = 'torch' runs continuous batching "
+                          "there, not yet measured on a GPU")
+        return "torch", None
+
     def paged_unsupported_reason(self) -> str | None:
-        # The pool's attention kernel (paged_attention.py) is a CPU float32 kernel. CUDA keeps the
-        # static path, whose CUDA-graph decode is measured; bfloat16 has no kernel yet.
-        if self.config.device != "cpu":
-            return "the torch backend's paged KV cache runs on CPU only; CUDA uses static batching (CUDA graphs)"
-        if self.config.dtype not in ("float32", "int8", "int4"):  # int8/int4: weights only, KV float32
-            return f"the torch backend's paged KV cache runs float32 only, not {self.config.dtype}"
-        return None
+        return getattr(self, "paged_reason", "the runner is not loaded")
 
     def _allocate_kv_pool_impl(self, num_blocks: int, block_size: int, max_num_seqs: int) -> None:
         if self.tp is not None:
             return self.tp.allocate(num_blocks, block_size)
-        from .paged_attention import allocate_pool
-
         cfg = self.config.model.config
-        self.pool_keys, self.pool_values = allocate_pool(cfg.n_layer, num_blocks, cfg.n_head, block_size,
-                                                         cfg.head_dim)
+        shape = (cfg.n_layer, num_blocks, cfg.n_head, block_size, cfg.head_dim)
+        if self.paged_path == "torch":
+            from .paged_sdpa import allocate_pool_tensors
+
+            self.pool_keys, self.pool_values = allocate_pool_tensors(*shape, self.dtype, self.config.device)
+        else:
+            from .paged_attention import allocate_pool
+
+            self.pool_keys, self.pool_values = allocate_pool(*shape)
         self.kernel_threads = self.options.threads or self.torch.get_num_threads()
 
     def _free_kv_pool_impl(self) -> None:
@@ -288,6 +316,8 @@ class TorchRunner(Runner):
             return self.tp.execute(step)
         torch = self.torch
         cfg = self.config.model.config
+        if self.paged_path == "torch":
+            return self._execute_torch_paged(step)
         kv = PagedKV(self.pool_keys, self.pool_values, step, cfg.n_head, cfg.head_dim, self.kernel_threads)
         if self.row_step is not None and step.num_tokens == 1:
             logits = self.row_step.paged(int(step.input_ids[0]), int(step.position_ids[0]), kv)[None]
@@ -296,6 +326,17 @@ class TorchRunner(Runner):
             logits = self.model.paged_step(torch.from_numpy(step.input_ids), torch.from_numpy(step.position_ids),
                                            kv, torch.from_numpy(step.logits_indices))
         return logits.numpy()
+
+    def _execute_torch_paged(self, step) -> np.ndarray:
+        from .paged_sdpa import TorchPagedKV
+
+        torch, dev = self.torch, self.config.device
+        kv = TorchPagedKV(self.pool_keys, self.pool_values, step, self.config.model.config.head_dim)
+        ids, pos, rows = (torch.from_numpy(a).to(dev) for a in (step.input_ids, step.position_ids,
+                                                                   step.logits_indices))
+        with torch.inference_mode():
+            logits = self.model.paged_step(ids, pos, kv, rows)
+        return logits.cpu().numpy()
 
     # ----- execution -----------------------------------------------------------
     def _execute_impl(self, step: StepInput) -> np.ndarray:
@@ -341,7 +382,9 @@ class TorchRunner(Runner):
             info["gemv"] = ("off" if self.row_step is None else
                             "int8 numba GEMV (W8A8 per row, as the oneDNN path)" if self.config.dtype == "int8"
                             else "blas")
-            info["paged"] = self.paged_unsupported_reason() or "numba paged-attention kernel over the KV block pool"
+            info["paged"] = self.paged_unsupported_reason() or (
+                "numba paged-attention kernel over the KV block pool" if self.paged_path == "kernel" else
+                "torch ops: each step gathers its rows' blocks of the KV pool, then attention")
             info["cuda_graphs"] = self.graphs.describe() if self.graphs is not None else None
             if self.quantization is not None:
                 info["quantization"] = dict(self.quantization)
