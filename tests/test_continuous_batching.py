@@ -170,3 +170,34 @@ def test_gqa_export_from_the_cli_runs_continuous_and_the_runner_refuses_a_mismat
     bad = run_cli("generate", "--model", concat, "--backend", "onnxruntime", "--set", "backend.options.kv_cache=gqa", "x")
     assert bad.returncode != 0 and "Traceback" not in bad.stderr
     assert len([line for line in bad.stderr.splitlines() if line.startswith("Error")]) == 1
+
+
+def test_bfloat16_runs_continuous_on_the_torch_ops_path(hf_dir):
+    """bfloat16 on CPU: a paged prefill and decode give the static path's bfloat16 logits, and the
+    engine generates on continuous batching with a pool half float32's size per token."""
+    from mini_engine import Engine
+    from mini_engine.core.plan import PagedStep
+    from mini_engine.model.source import resolve_model
+    from mini_engine.runner import RunnerConfig, StepInput
+    from mini_engine_backends.pytorch import TorchRunner
+
+    ids = np.arange(100, 110)
+    with TorchRunner(RunnerConfig(model=resolve_model(str(hf_dir)), dtype="bfloat16")) as r:
+        assert r.paged_unsupported_reason() is None and "torch ops" in r.describe()["paged"]
+        r.allocate_kv(1, 11)
+        static = r.execute(StepInput(ids[None], np.arange(10)[None], np.ones((1, 10), np.int64), [0], 0))
+        static_next = r.execute(StepInput(np.array([[7]]), np.array([[10]]), np.ones((1, 11), np.int64), [0], 10))
+        r.allocate_kv_pool(8, 4)
+        table = np.array([[5, 2, 7, -1]], np.int32)  # blocks out of order, as in a pool in use
+        slots = lambda pos: table[0, pos // 4] * 4 + pos % 4
+        pos = np.arange(10)
+        paged = r.execute_paged(PagedStep(ids, pos, np.array([0, 10]), np.array([0]), table, slots(pos),
+                                          np.array([0]), 4))
+        paged_next = r.execute_paged(PagedStep(np.array([7]), np.array([10]), np.array([0, 1]), np.array([10]),
+                                               table, slots(np.array([10])), np.array([0]), 4))
+    assert np.abs(paged - static).max() < 0.05 and np.abs(paged_next - static_next).max() < 0.05
+    with Engine(model=str(hf_dir), backend="torch", dtype="bfloat16") as engine:
+        assert engine.continuous, engine.static_reason
+        assert engine.runner.kv_bytes_per_token == 2 * 2 * 2 * 64  # K and V, 2 layers, 64 wide, 2 bytes
+        got = engine.generate(["Hello world", "A"], max_new_tokens=5, ignore_eos=True)
+        assert [len(c.token_ids) for c in got] == [5, 5] and engine.stats()["kv_usage"] == 0

@@ -1,5 +1,8 @@
 """The torch backend's CPU thread budget: `threads` bounds torch and the GEMV path's BLAS pool."""
+import re
+
 import numpy as np
+import pytest
 import torch
 from threadpoolctl import threadpool_info
 
@@ -51,3 +54,18 @@ def test_out_of_range_ids_are_refused_before_any_backend_code():
             r.execute(StepInput(np.array([[-1]]), np.array([[0]]), np.ones((1, 1), np.int64), [0], 0))
         with pytest.raises(MiniEngineError, match=r"position ids must be in 0\.\."):
             r.execute(StepInput(np.array([[5]]), np.array([[5000]]), np.ones((1, 1), np.int64), [0], 0))
+
+
+@pytest.mark.parametrize("options,dtype,message", [
+    ({"paged_attention": "numba"}, "float32", "paged_attention must be auto, kernel or torch, got 'numba'"),
+    ({"paged_attention": "kernel"}, "bfloat16", "'kernel' is the CPU float32-KV kernel, not bfloat16 on cpu"),
+    ({"paged_attention": "torch", "tensor_parallel_size": 2}, "float32", "tensor parallel ranks read the KV pool"),
+])
+def test_paged_attention_option_is_checked_in_one_line(options, dtype, message):
+    from mini_engine.errors import ConfigError
+    from mini_engine.model.source import resolve_model
+    from mini_engine.runner import RunnerConfig
+    from mini_engine_backends.pytorch import TorchRunner
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        TorchRunner(RunnerConfig(model=resolve_model("random:tiny"), dtype=dtype, options=options)).load()
