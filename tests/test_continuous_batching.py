@@ -201,3 +201,24 @@ def test_bfloat16_runs_continuous_on_the_torch_ops_path(hf_dir):
         assert engine.runner.kv_bytes_per_token == 2 * 2 * 2 * 64  # K and V, 2 layers, 64 wide, 2 bytes
         got = engine.generate(["Hello world", "A"], max_new_tokens=5, ignore_eos=True)
         assert [len(c.token_ids) for c in got] == [5, 5] and engine.stats()["kv_usage"] == 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device visible to PyTorch")
+@pytest.mark.parametrize("case", ["default", "chunked", "preemption"])
+def test_cuda_torch_ops_path_equals_transformers(hf_dir, references, case):
+    """On a GPU: continuous batching through paged_attention = "torch" (SDPA over gathered blocks)
+    gives transformers' greedy tokens; "auto" keeps the static CUDA-graph path and says why."""
+    from mini_engine import Engine
+
+    with Engine(model=str(hf_dir), backend="torch", device="cuda") as engine:
+        assert not engine.continuous and "paged_attention = 'torch'" in engine.static_reason
+    shared = 20 if case != "preemption" else 0
+    ps = prompts(6, seed=1, shared=shared, hi=20 if case == "preemption" else 40)
+    max_new = [4 + 3 * (i % 4) for i in range(len(ps))]
+    sections = {f"scheduler.{k}": v for k, v in CASES[case].items()}
+    with Engine.from_config(None, model=str(hf_dir), backend="torch", device="cuda",
+                            **{"backend.options.paged_attention": "torch"}, **sections) as engine:
+        assert engine.continuous, engine.static_reason
+        got = run_staggered(engine, ps, max_new)
+    for p, n, c in zip(ps, max_new, got):
+        assert c.token_ids == references(p, n)
