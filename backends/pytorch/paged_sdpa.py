@@ -63,9 +63,12 @@ class _Group:
     def attend(self, q, kp, vp, out, scale: float) -> None:
         """q [N, H, D] (the whole step); writes this group's rows of out [N, H, D]."""
         n_head, dim = q.shape[1], q.shape[2]
-        qp = q.new_zeros(self.rows, self.max_q, n_head, dim)
-        qp[self.grid_r, self.grid_t] = q[self.tok]
-        qp = qp.transpose(1, 2)  # [R, H, max_q, D]
+        if self.max_q == 1:  # decodes: one query per row, nothing to pad
+            qp = q[self.tok][:, :, None]  # [R, H, 1, D]
+        else:
+            qp = q.new_zeros(self.rows, self.max_q, n_head, dim)
+            qp[self.grid_r, self.grid_t] = q[self.tok]
+            qp = qp.transpose(1, 2)  # [R, H, max_q, D]
         # [R, blocks, H, bs, D] -> [R, H, blocks * bs, D]
         k = kp[self.tables].transpose(1, 2).reshape(self.rows, n_head, -1, dim)
         v = vp[self.tables].transpose(1, 2).reshape(self.rows, n_head, -1, dim)
@@ -74,7 +77,7 @@ class _Group:
         else:
             att = torch.matmul(qp, k.transpose(-1, -2)) * scale + self.mask
             y = torch.matmul(att.softmax(dim=-1), v)
-        out[self.tok] = y.transpose(1, 2)[self.grid_r, self.grid_t]
+        out[self.tok] = y[:, :, 0] if self.max_q == 1 else y.transpose(1, 2)[self.grid_r, self.grid_t]
 
 
 class TorchPagedKV:
