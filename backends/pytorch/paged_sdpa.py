@@ -3,8 +3,7 @@
 The numba kernel (paged_attention.py) is the CPU float32 path; it reads the blocks in place.
 This path is for what that kernel cannot run: bfloat16 / float16 pools and CUDA tensors. Each
 layer gathers the blocks a step's rows use into a padded [rows, H, keys, D] tensor and runs one
-attention over it (scaled_dot_product_attention on CUDA; matmul + softmax on CPU, which measured
-faster than CPU SDPA with an explicit mask for GPT-2's short rows, see model/gpt2.py).
+attention over it, the static path's (`masked_attention`: SDPA on CUDA, matmul + softmax on CPU).
 
 So the cache is copied once per layer and step (gathered, not grown): its cost grows with the
 context, which the CPU float32 kernel avoids. Decode rows (one new token each) share one batched
@@ -19,7 +18,8 @@ import math
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+
+from mini_engine.model.gpt2 import masked_attention
 
 
 def allocate_pool_tensors(n_layer: int, num_blocks: int, n_head: int, block_size: int, head_dim: int,
@@ -53,11 +53,8 @@ class _Group:
         to = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device)
         self.tables, self.tok, self.grid_r, self.grid_t = to(tables), to(tok), to(grid_r), to(grid_t)
         allowed_t = to(allowed)[:, None]  # [R, 1, max_q, keys]
-        if device.startswith("cuda"):
-            self.mask = allowed_t
-        else:
-            self.mask = torch.zeros(allowed_t.shape, dtype=dtype, device=device)
-            self.mask.masked_fill_(~allowed_t, torch.finfo(dtype).min)
+        self.mask = torch.zeros(allowed_t.shape, dtype=dtype, device=device)
+        self.mask.masked_fill_(~allowed_t, torch.finfo(dtype).min)  # finite, as additive_mask's
         self.rows = len(rows)
 
     def attend(self, q, kp, vp, out, scale: float) -> None:
@@ -72,11 +69,7 @@ class _Group:
         # [R, blocks, H, bs, D] -> [R, H, blocks * bs, D]
         k = kp[self.tables].transpose(1, 2).reshape(self.rows, n_head, -1, dim)
         v = vp[self.tables].transpose(1, 2).reshape(self.rows, n_head, -1, dim)
-        if q.is_cuda:
-            y = F.scaled_dot_product_attention(qp, k, v, attn_mask=self.mask)
-        else:
-            att = torch.matmul(qp, k.transpose(-1, -2)) * scale + self.mask
-            y = torch.matmul(att.softmax(dim=-1), v)
+        y = masked_attention(qp, k, v, self.mask, scale)
         out[self.tok] = y[:, :, 0] if self.max_q == 1 else y.transpose(1, 2)[self.grid_r, self.grid_t]
 
 

@@ -314,10 +314,10 @@ class TorchRunner(Runner):
 
         if self.tp is not None:
             return self.tp.execute(step)
-        torch = self.torch
-        cfg = self.config.model.config
         if self.paged_path == "torch":
             return self._execute_torch_paged(step)
+        torch = self.torch
+        cfg = self.config.model.config
         kv = PagedKV(self.pool_keys, self.pool_values, step, cfg.n_head, cfg.head_dim, self.kernel_threads)
         if self.row_step is not None and step.num_tokens == 1:
             logits = self.row_step.paged(int(step.input_ids[0]), int(step.position_ids[0]), kv)[None]

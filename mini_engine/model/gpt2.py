@@ -66,14 +66,7 @@ class Attention(nn.Module):
         q, k, v = self.c_attn(x).split(d, dim=2)
         q, k, v = (y.view(b, t, self.n_head, self.head_dim).transpose(1, 2) for y in (q, k, v))
         k, v = kv.update(layer, k, v)
-        if q.is_cuda:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        else:
-            # On CPU the fused SDPA kernel with an explicit mask costs ~4 ms per
-            # decode step and layer here; for GPT-2's short rows plain matmul +
-            # softmax is several times faster (and exports to the same ONNX ops).
-            att = torch.matmul(q, k.transpose(-1, -2)) * self.scale + mask
-            y = torch.matmul(att.softmax(dim=-1), v)
+        y = masked_attention(q, k, v, mask, self.scale)
         return self.c_proj(y.transpose(1, 2).reshape(b, t, d))
 
 
@@ -156,6 +149,17 @@ class LastPositionLogits(nn.Module):
         kv = ConcatKV(past_key_values)
         logits = self.model.step(input_ids, position_ids, attention_mask, kv, last_only=True)
         return logits[:, None, :], kv.present
+
+
+def masked_attention(q, k, v, mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """softmax(q k^T * scale + mask) v over [B, H, T, D] tensors, `mask` additive [B, 1, T, S]."""
+    if q.is_cuda:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    # On CPU the fused SDPA kernel with an explicit mask costs ~4 ms per decode step and layer
+    # here; for GPT-2's short rows plain matmul + softmax is several times faster (and exports to
+    # the same ONNX ops).
+    att = torch.matmul(q, k.transpose(-1, -2)) * scale + mask
+    return torch.matmul(att.softmax(dim=-1), v)
 
 
 def additive_mask(attention_mask: torch.Tensor, q_len: int, dtype: torch.dtype) -> torch.Tensor:
