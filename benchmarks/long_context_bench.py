@@ -18,6 +18,9 @@ which reads from cache and would flatter every path.
     python benchmarks/long_context_bench.py --model random:gpt2 --targets torch:cpu,onnxruntime:cpu \
         --batch-sizes 1,16 --contexts 64,256,512,1000 --out result/cpu/long_context
 
+--block-sizes: tokens per block of the paged pool, 'auto' (default) being the backend's own choice
+(Runner.preferred_block_size: 128 for the torch kernel); several sizes alternate within each round.
+
 Reported: step ms, ratio to the step at the shortest context, KV bytes per step, and the bytes
 (weights + KV) moved per second, next to the machine's numpy copy bandwidth.
 """
@@ -35,9 +38,6 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench_common import command_line, copy_bandwidth_gbps, cpu_model, run_targets, write_report  # noqa: E402
 
 
-BLOCK = 16  # tokens per KV block, the scheduler's default
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="random:gpt2")
@@ -47,6 +47,9 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=7)
     p.add_argument("--rounds", type=int, default=3, help="rounds over all contexts; figures are medians over rounds")
     p.add_argument("--paths", default="paged,static")
+    p.add_argument("--block-sizes", default="auto",
+                   help="tokens per KV block of the paged path: 'auto' (what the backend asks the engine for) or "
+                        "numbers; several (e.g. 16,128) are timed in the same rounds")
     p.add_argument("--out", default=None, help="write OUT.json and OUT.md")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -76,28 +79,35 @@ def worker(args) -> list[dict]:
             rows.append({"target": args.worker, "path": path, "status": "skipped",
                          "reason": runner.paged_unsupported_reason()})
             continue
+        # A block size per variant of the paged path; the static path has none.
+        variants = [runner.preferred_block_size if x == "auto" else int(x) for x in args.block_sizes.split(",")] \
+            if path == "paged" else [0]
         for b in batches:
-            per_row = -(-(max(contexts) + 1) // BLOCK)
-            if path == "paged":
-                runner.allocate_kv_pool(b * per_row, BLOCK, b)
-                _fill(runner)
-            # Rounds visit every context in turn, so a slow minute of a shared machine lands on all
-            # contexts of a round rather than on one context's figure.
-            times = {ctx: [] for ctx in contexts}
+            # Rounds visit every context (and block size) in turn, so a slow minute of a shared
+            # machine lands on all of a round's cells rather than on one cell's figure.
+            times = {(bs, ctx): [] for bs in variants for ctx in contexts}
             for _ in range(args.rounds):
+                for bs in variants:
+                    per_row = -(-(max(contexts) + 1) // bs) if bs else 0
+                    if path == "paged":
+                        runner.allocate_kv_pool(b * per_row, bs, b)
+                        _fill(runner)
+                    for ctx in contexts:
+                        times[bs, ctx].append(one_step_ms(runner, path, backend, b, ctx, bs, per_row, cfg, rng, args.steps))
+                    if path == "paged":
+                        runner.free_kv_pool()
+            for bs in variants:
+                base = times[bs, min(contexts)]
                 for ctx in contexts:
-                    times[ctx].append(one_step_ms(runner, path, backend, b, ctx, per_row, cfg, rng, args.steps))
-            base = times[min(contexts)]
-            for ctx in contexts:
-                ms = statistics.median(times[ctx])
-                kv = b * ctx * kv_per_token
-                rows.append({"target": args.worker, "path": path, "status": "ok", "batch_size": b, "context": ctx,
-                             "step_ms": round(ms, 2), "rounds_ms": [round(t, 2) for t in times[ctx]],
-                             "vs_first": round(statistics.median(t / t0 for t, t0 in zip(times[ctx], base)), 3),
-                             "kv_mb": round(kv / 1e6, 1), "weights_mb": round(runner.weight_bytes / 1e6, 1),
-                             "gbps": round((runner.weight_bytes + kv) / ms / 1e6, 1)})
-            if path == "paged":
-                runner.free_kv_pool()
+                    got = times[bs, ctx]
+                    ms = statistics.median(got)
+                    kv = b * ctx * kv_per_token
+                    rows.append({"target": args.worker, "path": path, "status": "ok", "batch_size": b,
+                                 "context": ctx, "block_size": bs or None,
+                                 "step_ms": round(ms, 2), "rounds_ms": [round(t, 2) for t in got],
+                                 "vs_first": round(statistics.median(t / t0 for t, t0 in zip(got, base)), 3),
+                                 "kv_mb": round(kv / 1e6, 1), "weights_mb": round(runner.weight_bytes / 1e6, 1),
+                                 "gbps": round((runner.weight_bytes + kv) / ms / 1e6, 1)})
     runner.close()
     return rows
 
@@ -114,15 +124,15 @@ def timed(fn, steps: int) -> float:
     return statistics.median(out) * 1e3
 
 
-def one_step_ms(runner, path, backend, b, ctx, per_row, cfg, rng, steps) -> float:
-    """Decode step ms of `b` rows at context `ctx`: paged (block tables of `per_row` blocks, shuffled) or static."""
+def one_step_ms(runner, path, backend, b, ctx, bs, per_row, cfg, rng, steps) -> float:
+    """Decode step ms of `b` rows at context `ctx`: paged (block tables of `per_row` blocks of `bs` tokens,
+    shuffled) or static."""
     import numpy as np
     from mini_engine.core.plan import PagedStep
     from mini_engine.runner import StepInput
 
     ids = rng.integers(0, 50000, b).astype(np.int64)
     if path == "paged":
-        bs = BLOCK
         tables = rng.permutation(b * per_row).reshape(b, per_row).astype(np.int32)
         pos = np.full(b, ctx, np.int64)
         slots = tables[np.arange(b), ctx // bs].astype(np.int64) * bs + ctx % bs
@@ -186,13 +196,13 @@ def markdown(report: dict) -> str:
              f"({report['cores']} cores), numpy copy bandwidth {report['copy_gbps']} GB/s; step ms: median over "
              f"{report.get('rounds', 1)} rounds (each visiting every context in turn) of the median of {report['steps']} "
              f"steps; vs shortest context: median of the per-round ratios.", "", f"Command: `python {report['command']}`", "",
-             "| target | path | batch | context | step ms | vs shortest context | KV MB/step | (weights+KV) GB/s |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
+             "| target | path | block | batch | context | step ms | vs shortest context | KV MB/step | (weights+KV) GB/s |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in report["rows"]:
         if r["status"] != "ok":
-            lines.append(f"| {r['target']} | {r['path']} | | | skipped: {r['reason']} | | | |")
+            lines.append(f"| {r['target']} | {r['path']} | | | | skipped: {r['reason']} | | | |")
             continue
-        lines.append(f"| {r['target']} | {r['path']} | {r['batch_size']} | {r['context']} | {r['step_ms']:.1f} | "
+        lines.append(f"| {r['target']} | {r['path']} | {r.get('block_size') or '-'} | {r['batch_size']} | {r['context']} | {r['step_ms']:.1f} | "
                      f"{r['vs_first']:.2f}x | {r['kv_mb']:.0f} | {r['gbps']:.1f} |")
     return "\n".join(lines) + "\n"
 

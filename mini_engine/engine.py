@@ -71,6 +71,11 @@ class Engine:
         sc: SchedulerConfig = self.config.scheduler
         per_token = self.runner.kv_bytes_per_token
         window = self.max_positions
+        if not sc.block_size:
+            # The runner's choice, but at least 8 blocks per context window, so that a small model's
+            # prompts still fill whole blocks for the prefix cache to share.
+            sc = dataclasses.replace(sc, block_size=min(self.runner.preferred_block_size, max(16, window // 8)))
+            self.config.scheduler = sc
         if self.runner.kv_layout == "slots":
             # One contiguous cache row per running sequence: memory is max_num_seqs windows (the
             # block pool only caps tokens in flight when num_kv_blocks asks for fewer), and a

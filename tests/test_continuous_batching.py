@@ -67,6 +67,9 @@ CASES = {
     "no-prefix-cache": {"enable_prefix_caching": False},
     "chunked": {"max_num_batched_tokens": 8, "block_size": 4},
     "preemption": {"num_kv_blocks": 12, "block_size": 4, "max_num_seqs": 8},
+    # Blocks of the size the torch CPU kernel asks for on GPT-2 (128), scaled to this model's
+    # 128-token window: rows end mid-block, and the 20-token shared prefix fills no block.
+    "large-blocks": {"block_size": 32},
 }
 
 
@@ -92,6 +95,21 @@ def test_staggered_greedy_equals_transformers(hf_dir, references, backend, case)
         assert stats["prefix_cache_hits"] == 0
     if case == "chunked":
         assert any(c.ttft_ms > 0 for c in got)
+
+
+def test_block_size_auto_is_the_backends_choice_within_the_window(hf_dir, tmp_path):
+    """block_size = 0 (the default): the torch kernel's 128 on a 1024-token window, capped to 1/8 of
+    a 128-token window (16); onnxruntime's slots layout asks for 16; a number given is kept."""
+    from conftest import make_hf_checkpoint
+
+    make_hf_checkpoint(tmp_path, n_positions=1024)
+    for model, backend, sections, want in ((tmp_path, "torch", {}, 128), (hf_dir, "torch", {}, 16),
+                                           (hf_dir, "onnxruntime", {}, 16),
+                                           (tmp_path, "torch", {"block_size": 32}, 32)):
+        with engine_for(model, backend, **sections) as engine:
+            assert engine.config.scheduler.block_size == want, (model, backend)
+            assert engine.describe()["generation"]["block_size"] == want
+            assert f"x {want} tokens" in engine.kv_capacity or backend == "onnxruntime"
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -1,8 +1,8 @@
 """The torch backend's paged-attention kernel against plain numpy attention over the same tokens.
 
 A mixed step (decodes, a prefill chunk, a row whose context ends mid-block), on one thread and
-split over two (by tokens, and a single token's heads), with large stale values in the slots a
-row does not own, and scores that grow block after block (the online softmax's rescale path).
+split over several (by whole tokens), with large stale values in the slots a row does not own,
+and scores that grow block after block (the online softmax's rescale path).
 """
 import numpy as np
 import pytest
@@ -46,7 +46,7 @@ def build(contexts, new_tokens, rng, growing=False):
         vr = rng.standard_normal((c + n, H, D)).astype(np.float32)
         for t in range(c):
             blk, off = tables[r, t // BS], t % BS
-            keys[0][blk, :, off], values[0][blk, :, off] = kr[t], vr[t]
+            keys[0][blk, off], values[0][blk, off] = kr[t], vr[t]  # the kernel's pool is token-major
         for t in range(c, c + n):
             slots.append(tables[r, t // BS] * BS + t % BS)
         k_rows.append(kr)
@@ -85,26 +85,27 @@ def run(contexts, new_tokens, threads, seed=0):
     return kv, got
 
 
-@pytest.mark.parametrize("contexts,new_tokens,threads,groups", [
-    ([40, 2, 3], [1, 1, 1], 2, 2),     # 3 tokens on 2 threads: too few to balance, heads split
-    ([60, 1, 1, 1, 1], [1] * 5, 2, 2),  # one long row among short decodes: heads split
-    ([9, 20], [1, 1], 3, 3),           # 4 heads in 3 groups (1, 1, 2)
-    ([5], [1], 8, 4),                  # more threads than units: empty shares run nothing
+@pytest.mark.parametrize("contexts,new_tokens,threads,edges", [
+    ([40, 2, 3], [1, 1, 1], 2, [0, 1, 3]),        # a long row beside short decodes: a share of its own
+    ([60, 1, 1, 1, 1], [1] * 5, 2, [0, 1, 5]),
+    ([9, 20, 9, 20], [1, 1, 1, 1], 2, [0, 2, 4]),  # equal halves of the keys
+    ([9, 20, 30], [1, 1, 1], 3, [0, 2, 3]),        # 3 threads, but the last row holds half the keys
+    ([5, 7], [1, 1], 8, [0, 1, 2]),                # more threads than tokens: a share per token
 ])
-def test_uneven_splits_match_numpy_and_one_thread(monkeypatch, contexts, new_tokens, threads, groups):
+def test_splits_keep_tokens_whole_and_match_numpy_and_one_thread(monkeypatch, contexts, new_tokens, threads, edges):
     monkeypatch.setattr(pa, "MIN_SPLIT_KEYS", 0)
     kv, got = run(contexts, new_tokens, threads)
-    assert kv.groups == groups and kv.edges[0] == 0 and kv.edges[-1] == len(contexts) * groups
+    assert kv.edges == edges
     _, one = run(contexts, new_tokens, 1)
-    np.testing.assert_array_equal(got, one)  # the same arithmetic per head, whatever the split
+    np.testing.assert_array_equal(got, one)  # the same arithmetic per token, whatever the split
 
 
-def test_single_token_splits_its_heads(monkeypatch):
+def test_a_single_token_runs_on_one_thread(monkeypatch):
     monkeypatch.setattr(pa, "MIN_SPLIT_KEYS", 0)
     rng = np.random.default_rng(1)
     keys, values, step, q, k, v, k_rows, v_rows = build([21], [1], rng)
     kv = pa.PagedKV(keys, values, step, H, D, 2)
-    assert kv.groups == 2 and kv.edges == [0, 1, 2]  # one token, its heads in two halves
+    assert kv.edges == [0, 1]  # its heads stay together (see split_units)
     got = kv.attend_np(0, q, k, v)
     want = reference(q, k_rows, v_rows, step.query_start, step.context_lens, np.float32(1 / np.sqrt(D)))
     np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-5)
@@ -123,8 +124,9 @@ def test_torch_ops_path_matches_numpy(dtype, tol, growing):
     contexts, new_tokens = [0, 5, 8, 13, 30], [6, 1, 1, 3, 1]
     keys, values, step, q, k, v, k_rows, v_rows = build(contexts, new_tokens, rng, growing)
     tdt = getattr(torch, dtype)
-    tk = [torch.from_numpy(a.copy()).to(tdt) for a in keys]
-    tv = [torch.from_numpy(a.copy()).to(tdt) for a in values]
+    # The torch-ops pool is head-major: [num_blocks, n_head, block_size, head_dim].
+    tk = [torch.from_numpy(a.transpose(0, 2, 1, 3).copy()).to(tdt) for a in keys]
+    tv = [torch.from_numpy(a.transpose(0, 2, 1, 3).copy()).to(tdt) for a in values]
     kv = TorchPagedKV(tk, tv, step, D)
     assert len(kv.groups) == 3  # the three decode rows together, the two chunks alone
     got = kv.attend(0, *(torch.from_numpy(a).to(tdt) for a in (q, k, v))).float().numpy()

@@ -162,7 +162,7 @@ def test_duplicate_request_id():
         s.add_request(req("a", 4))
 
 
-@pytest.mark.parametrize("kw", [{"max_num_seqs": 0}, {"block_size": 0}, {"max_num_batched_tokens": 0},
+@pytest.mark.parametrize("kw", [{"max_num_seqs": 0}, {"block_size": -1}, {"max_num_batched_tokens": 0},
                                 {"num_kv_blocks": -1}, {"kv_cache_mib": 0}, {"policy": "lifo"}])
 def test_invalid_config(kw):
     with pytest.raises(ConfigError):
@@ -173,6 +173,6 @@ def test_pool_size_from_memory_budget():
     cfg = SchedulerConfig(kv_cache_mib=1, block_size=16, max_num_seqs=1000)
     assert cfg.pool_blocks(bytes_per_token=1024, max_model_len=1024) == 64
     # Never more than max_num_seqs full windows.
-    assert SchedulerConfig(kv_cache_mib=1024, max_num_seqs=2).pool_blocks(1024, 1024) == 128
+    assert SchedulerConfig(kv_cache_mib=1024, max_num_seqs=2, block_size=16).pool_blocks(1024, 1024) == 128
     with pytest.raises(ConfigError, match="holds no block"):
-        SchedulerConfig(kv_cache_mib=0.001).pool_blocks(10**6, 1024)
+        SchedulerConfig(kv_cache_mib=0.001, block_size=16).pool_blocks(10**6, 1024)
