@@ -193,6 +193,22 @@ def test_continuous_batching_benchmark_scripts_run(tmp_path):
         assert "torch:cpu" in out.with_suffix(".md").read_text()
 
 
+def test_block_size_bench_script_runs(tmp_path):
+    """benchmarks/block_size_bench.py end to end on random:tiny, two block sizes, one round."""
+    script = Path(__file__).parent.parent / "benchmarks" / "block_size_bench.py"
+    out = tmp_path / "block_size"
+    proc = subprocess.run([sys.executable, str(script), "--model", "random:tiny", "--block-sizes", "4,16",
+                           "--rounds", "1", "--requests", "3", "--prompt-lens", "4:12", "--output-lens", "2:6",
+                           "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert [r["block_size"] for r in report["rows"]] == [4, 16]
+    assert all(r["tokens_per_s"] > 0 and r["vs_first"] for r in report["rows"])
+    bad = subprocess.run([sys.executable, str(script), "--block-sizes", "16,x"], capture_output=True, text=True,
+                         timeout=120)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "--block-sizes" in bad.stderr
+
+
 def test_ort_op_profile_script_runs():
     """benchmarks/ort_op_profile.py end to end on random:tiny (its figures are the committed int8 runs)."""
     pytest.importorskip("onnxruntime")

@@ -293,8 +293,8 @@ class TorchRunner(Runner):
     def preferred_block_size(self) -> int:
         # The numba kernel reads a block's tokens in address order and then jumps to the row's next
         # block, which lies anywhere in the pool. 128-token blocks (384 KB of K per layer at GPT-2
-        # small) make the jumps rare: 16 rows at context 1000 attend in 46 ms instead of 59 with
-        # 16-token blocks (paged_attention.py's docstring). The torch-ops path gathers whole blocks,
+        # small) make the jumps rare: 16 rows at context 1000 attend in 42-46 ms instead of 55-60
+        # with 16-token blocks (result/cpu/paged_kernel_probe.md). The torch-ops path gathers whole blocks,
         # so it keeps small ones: a row's last block is copied in full.
         return 128 if getattr(self, "paged_path", None) == "kernel" else 16
 
