@@ -212,6 +212,10 @@ def main(argv=None) -> int:
     if args.rounds < 1 or args.steps < 1:
         print("error: --rounds and --steps must be >= 1", file=sys.stderr)
         return 2
+    if any(x != "auto" and not (x.isdigit() and int(x) > 0) for x in args.block_sizes.split(",")):
+        print(f"error: --block-sizes takes 'auto' or positive integers, comma-separated; got '{args.block_sizes}'",
+              file=sys.stderr)
+        return 2
     if args.worker:
         print(json.dumps(worker(args)))
         return 0

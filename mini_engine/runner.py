@@ -92,7 +92,8 @@ class Runner(abc.ABC):
     #: PagedStep.seq_ids; no prefix caching, the engine sizes the pool as max_num_seqs windows).
     kv_layout: ClassVar[str] = "blocks"
     #: Tokens per KV block when `[scheduler] block_size` is left at 0 (auto): what this runner's
-    #: attention reads fastest. vLLM's platforms choose it the same way (16 on CUDA, 128 elsewhere).
+    #: attention reads fastest, as vLLM's platforms choose theirs (16 on CUDA; 128 in its Ascend and
+    #: Gaudi plugins).
     preferred_block_size: int = 16
 
     def __init__(self, config: RunnerConfig):

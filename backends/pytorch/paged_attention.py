@@ -15,10 +15,10 @@ result/cpu/paged_kernel_probe.md):
 - The pool is token-major, [num_blocks, block_size, n_head, head_dim]: a block's tokens lie front
   to back (3 KB each at GPT-2 small), whatever the context, and the backend asks for 128-token
   blocks (Runner.preferred_block_size). Each block is a jump to anywhere in the pool, which the
-  prefetchers pay for; rarer jumps took 16 rows x 1000 tokens from 57-65 to 42-46 ms on two threads
-  (head-major 16-token blocks -> token-major 128; 59-82 % of torch.sum's rate on the same bytes). With a head-major pool, large
-  blocks had cost short contexts what they saved long ones: a row at context 64 then reads 12
-  separate pieces of each block.
+  prefetchers pay for; rarer jumps took 16 rows x 1000 tokens from 57-65 to 42-46 ms on two
+  threads (head-major 16-token blocks -> token-major 128; 59-82 % of torch.sum's rate on the
+  same bytes). With a head-major pool, large blocks had cost short contexts what they saved long
+  ones: a row at context 64 then reads 12 separate pieces of each block.
 - The pool asks for transparent huge pages (this machine's THP is `madvise` only): the blocks of
   a pool in use lie in shuffled order, and 4 KB pages cost TLB misses on every block.
 - Tried and dropped (slower or no faster): K transposed per block, software prefetch of the next

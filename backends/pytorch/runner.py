@@ -294,15 +294,16 @@ class TorchRunner(Runner):
         # The numba kernel reads a block's tokens in address order and then jumps to the row's next
         # block, which lies anywhere in the pool. 128-token blocks (384 KB of K per layer at GPT-2
         # small) make the jumps rare: 16 rows at context 1000 attend in 42-46 ms instead of 55-60
-        # with 16-token blocks (result/cpu/paged_kernel_probe.md). The torch-ops path gathers whole blocks,
-        # so it keeps small ones: a row's last block is copied in full.
+        # with 16-token blocks (result/cpu/paged_kernel_probe.md). The torch-ops path gathers
+        # whole blocks, so it keeps small ones: a row's last block is copied in full.
         return 128 if getattr(self, "paged_path", None) == "kernel" else 16
 
     def _allocate_kv_pool_impl(self, num_blocks: int, block_size: int, max_num_seqs: int) -> None:
         if self.tp is not None:
             return self.tp.allocate(num_blocks, block_size)
         cfg = self.config.model.config
-        shape = (cfg.n_layer, num_blocks, cfg.n_head, block_size, cfg.head_dim)  # the kernel's pool: token-major
+        # allocate_pool's argument order; the kernel's pool is token-major, paged_sdpa's head-major
+        shape = (cfg.n_layer, num_blocks, cfg.n_head, block_size, cfg.head_dim)
         if self.paged_path == "torch":
             from .paged_sdpa import allocate_pool_tensors
 
