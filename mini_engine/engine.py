@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import logging
 import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence as Seq
@@ -16,15 +17,17 @@ from typing import Any, Callable, Mapping, Sequence as Seq
 import numpy as np
 
 from .config import Config, load_config
-from .core import BlockManager, Request, Scheduler, SchedulerConfig
+from .core import BlockManager, Request, Scheduler, SchedulerConfig, SchedulerOutput
 from .detokenizer import Detokenizer
 from .errors import ConfigError, MiniEngineError, PromptTooLong
 from .model.source import resolve_model
 from .registry import get_backend
 from .runner import Runner, RunnerConfig, StepInput
-from .sampling import Sampler, SamplingParams, sample_rows, token_logprobs
+from .sampling import Sampler, SamplingParams, make_rng, sample_rows, token_logprobs
 from .sequence import Completion, RequestOutput, Score, Sequence, TokenLogprob
 from .tokenizer import Tokenizer, load_tokenizer
+
+log = logging.getLogger("mini_engine.engine")
 
 
 class Engine:
@@ -186,6 +189,8 @@ class Engine:
                 for out in self.step():
                     if out.request_id not in mine:
                         self._foreign.append(out)  # another caller's: its next step() returns it
+                    elif out.error is not None:
+                        raise MiniEngineError(f"request {out.request_id} failed: {out.error}")
                     elif out.finished:
                         done[out.request_id] = out.completion
         except BaseException:
@@ -216,7 +221,7 @@ class Engine:
         req = Request(rid, ids, params, prompt=text,
                       arrival_s=time.perf_counter() if arrival_s is None else arrival_s)
         if not params.greedy:
-            req.generator = np.random.default_rng(params.seed)
+            req.generator = make_rng(params.seed)
         if params.logprobs is not None:
             req.logprobs = []
         req.state = Detokenizer(self.tokenizer, params.stop)
@@ -231,7 +236,11 @@ class Engine:
         return self.scheduler is not None and self.scheduler.has_unfinished_requests()
 
     def step(self) -> list[RequestOutput]:
-        """One scheduling round: schedule -> run -> postprocess. Returns what each request got."""
+        """One scheduling round: schedule -> run -> postprocess. Returns what each request got.
+
+        A request whose row fails (in the runner, the sampler or the detokenizer) ends alone with
+        finish_reason "error"; the others go on. Only a runner that reports itself broken
+        (Runner.health_problem) stops the engine: the exception propagates."""
         sched = self._require_scheduler()
         earlier, self._foreign = self._foreign, []
         plan = sched.schedule()
@@ -239,7 +248,7 @@ class Engine:
             return earlier
         t = time.perf_counter()
         try:
-            logits = self.runner.execute_paged(plan.to_step())
+            logits, failed = self._run_isolated(plan)
         except BaseException:
             sched.restore_freed(plan.freed)  # the runner has not seen them
             raise
@@ -247,8 +256,59 @@ class Engine:
         self.num_steps += 1
         self.peak_kv_usage = max(self.peak_kv_usage, sched.block_manager.usage)
         self.rows_stepped += len(plan.seqs)
+        outputs = [self._fail(s.request, e) for s in plan.seqs if (e := failed.get(s.request_id)) is not None]
         sched.update_from_output(plan)
-        return earlier + self._postprocess_step([s.request for s in plan.seqs if s.needs_logits], logits)
+        reqs = [s.request for s in plan.seqs if s.needs_logits and s.request_id not in failed]
+        return earlier + outputs + (self._postprocess_step(reqs, logits) if reqs else [])
+
+    def _run_isolated(self, plan: SchedulerOutput) -> tuple[np.ndarray | None, dict[str, Exception]]:
+        """Run the plan; if the runner raises, run each half alone (recursively) to find the rows
+        that fail by themselves. Returns the logits of the rows that ran (in plan order) and the
+        failed request ids with their exception."""
+        try:
+            return self.runner.execute_paged(plan.to_step()), {}
+        except Exception as e:  # noqa: BLE001 - attributed to rows below, or re-raised
+            if self.runner.health_problem() is not None:
+                raise
+            if len(plan.seqs) == 1:
+                return None, {plan.seqs[0].request_id: e}
+        half = len(plan.seqs) // 2
+        parts, failed = [], {}
+        for i, seqs in enumerate((plan.seqs[:half], plan.seqs[half:])):
+            sub = dataclasses.replace(plan, seqs=seqs, freed=plan.freed if i == 0 else [])
+            logits, f = self._run_isolated(sub)
+            failed |= f
+            if logits is not None:
+                parts.append(np.array(logits))  # a copy: the runner may reuse its output buffer
+        return (np.concatenate(parts) if parts else None), failed
+
+    def _fail(self, req: Request, e: BaseException) -> RequestOutput:
+        """End `req` on an error of its own; its KV is freed and its caller told."""
+        log.error("request %s failed: %s: %s", req.request_id, type(e).__name__, e)
+        req.finish_s = time.perf_counter()
+        self.scheduler.finish_request(req, "error")
+        return RequestOutput(req.request_id, [], "", True, "error", self._request_completion(req),
+                             error=f"{type(e).__name__}: {e}")
+
+    def _sample(self, logits: np.ndarray, reqs: list[Request], no_eos: list[int],
+                eos: int) -> tuple[list[int | None], dict[int, Exception]]:
+        """Each row's next token; rows whose sampling raises get None and their exception."""
+        params = [r.params for r in reqs]
+        gens = [r.generator for r in reqs]
+        try:
+            return sample_rows(logits, params, gens, no_eos, eos), {}
+        except Exception:  # noqa: BLE001 - find the row(s) at fault, one at a time
+            pass
+        tokens: list[int | None] = []
+        failed: dict[int, Exception] = {}
+        for i in range(len(reqs)):
+            try:
+                tokens.append(sample_rows(logits[i:i + 1], params[i:i + 1], gens[i:i + 1],
+                                          [0] if i in no_eos else [], eos)[0])
+            except Exception as e:  # noqa: BLE001
+                tokens.append(None)
+                failed[i] = e
+        return tokens, failed
 
     def _postprocess_step(self, reqs: list[Request], logits: np.ndarray) -> list[RequestOutput]:
         eos = self.tokenizer.eos_token_id
@@ -257,10 +317,10 @@ class Engine:
         # and transformers' MinNewTokensLengthLogitsProcessor.
         no_eos = [i for i, (r, p) in enumerate(zip(reqs, params))
                   if p.min_tokens and p.min_tokens > len(r.output_ids) and not p.ignore_eos]
-        tokens = sample_rows(logits, params, [r.generator for r in reqs], no_eos, eos)
+        tokens, failed = self._sample(logits, reqs, no_eos, eos)
         # Logprobs of the raw logits (sample_rows masks copies), computed for the rows that ask only.
         step_lps: list[TokenLogprob | None] | None = None
-        asked = [i for i, p in enumerate(params) if p.logprobs is not None]
+        asked = [i for i, p in enumerate(params) if p.logprobs is not None and i not in failed]
         if asked:
             step_lps = [None] * len(reqs)
             got = token_logprobs(logits[asked], [tokens[i] for i in asked], [params[i].logprobs for i in asked])
@@ -271,40 +331,51 @@ class Engine:
         for i, (req, token) in enumerate(zip(reqs, tokens)):
             if req.finished:
                 continue  # aborted while its step ran
-            if not req.output_ids:
-                req.first_token_s = now
-            req.append_output(token)
-            req.token_s.append(now)
-            lps = None
-            if step_lps is not None and step_lps[i] is not None:
-                lps = [step_lps[i]]
-                req.logprobs.append(step_lps[i])
-            detok: Detokenizer = req.state
-            p = req.params
-            reason = None
-            if token == eos and not p.ignore_eos:
-                reason = "stop"  # the EOS token is returned, its text is not
-            elif detok.push(token, check_stop=len(req.output_ids) >= p.min_tokens):
-                reason = "stop"
-            elif len(req.output_ids) >= p.max_new_tokens or req.num_tokens >= self.max_positions:
-                reason = "length"
-            if reason is None:
-                outputs.append(RequestOutput(req.request_id, [token], detok.delta(), logprobs=lps))
+            if i in failed:
+                outputs.append(self._fail(req, failed[i]))
                 continue
-            req.finish_s = now
-            detok.flush()
-            self.scheduler.finish_request(req, reason)
-            outputs.append(RequestOutput(req.request_id, [token], detok.delta(final=True), True, reason,
-                                         self._request_completion(req), logprobs=lps))
+            try:
+                outputs.append(self._append_token(req, token, None if step_lps is None else step_lps[i], now))
+            except Exception as e:  # noqa: BLE001 - this request's failure, not the step's
+                outputs.append(self._fail(req, e))
         return outputs
+
+    def _append_token(self, req: Request, token: int, lp: TokenLogprob | None, now: float) -> RequestOutput:
+        """Record one sampled token of `req`: stop checks, stream delta, and the end if it came."""
+        if not req.output_ids:
+            req.first_token_s = now
+        req.append_output(token)
+        req.token_s.append(now)
+        lps = None
+        if lp is not None:
+            lps = [lp]
+            req.logprobs.append(lp)
+        detok: Detokenizer = req.state
+        p = req.params
+        reason = None
+        if token == self.tokenizer.eos_token_id and not p.ignore_eos:
+            reason = "stop"  # the EOS token is returned, its text is not
+        elif detok.push(token, check_stop=len(req.output_ids) >= p.min_tokens):
+            reason = "stop"
+        elif len(req.output_ids) >= p.max_new_tokens or req.num_tokens >= self.max_positions:
+            reason = "length"
+        if reason is None:
+            return RequestOutput(req.request_id, [token], detok.delta(), logprobs=lps)
+        req.finish_s = now
+        detok.flush()
+        self.scheduler.finish_request(req, reason)
+        return RequestOutput(req.request_id, [token], detok.delta(final=True), True, reason,
+                             self._request_completion(req), logprobs=lps)
 
     def _request_completion(self, req: Request) -> Completion:
         t0 = req.arrival_s
+        end = req.finish_s or time.perf_counter()
         return Completion(prompt=req.prompt if req.prompt is not None else self.tokenizer.decode(req.prompt_ids),
                           text=req.state.text, token_ids=list(req.output_ids), prompt_token_ids=list(req.prompt_ids),
-                          finish_reason=req.finish_reason, ttft_ms=(req.first_token_s - t0) * 1e3,
-                          total_ms=(req.finish_s - t0) * 1e3, token_times_ms=[(t - t0) * 1e3 for t in req.token_s],
-                          queue_ms=(req.first_scheduled_s - t0) * 1e3, cached_prompt_tokens=req.num_cached_prompt,
+                          finish_reason=req.finish_reason, ttft_ms=((req.first_token_s or end) - t0) * 1e3,
+                          total_ms=(end - t0) * 1e3, token_times_ms=[(t - t0) * 1e3 for t in req.token_s],
+                          queue_ms=((req.first_scheduled_s or end) - t0) * 1e3,
+                          cached_prompt_tokens=req.num_cached_prompt,
                           preemptions=req.num_preemptions,
                           logprobs=None if req.logprobs is None else list(req.logprobs))
 
@@ -336,6 +407,11 @@ class Engine:
     def encode_prompt(self, prompt: str, params: SamplingParams) -> list[int]:
         if not isinstance(prompt, str):
             raise ConfigError(f"a prompt must be a string, got {type(prompt).__name__}")
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ConfigError(f"the prompt is not valid Unicode text (a lone surrogate at character {e.start}); "
+                              f"send UTF-8 text") from None
         ids = self.tokenizer.encode(prompt) or [self.tokenizer.eos_token_id]
         return self._fit_window(ids, params)
 

@@ -181,6 +181,12 @@ class Runner(abc.ABC):
             self._free_kv_impl()
         self._num_slots = self._max_seq_len = 0
 
+    def health_problem(self) -> str | None:
+        """Why this runner cannot run steps any more (a worker process died, a device failed), or
+        None. The engine asks after a step raises: a broken runner stops the engine (/health turns
+        503); otherwise the failure is its requests' own and only they end."""
+        return None
+
     # ----- paged KV pool (runners with supports_paged) -----------------------
     def paged_unsupported_reason(self) -> str | None:
         """None when this runner, as configured, can run paged steps; else why not."""
@@ -213,7 +219,11 @@ class Runner(abc.ABC):
         self._pool_blocks = self._block_size = 0
 
     def execute_paged(self, step: PagedStep) -> np.ndarray:
-        """Run one ragged step; returns float32 logits [len(step.logits_rows), V]."""
+        """Run one ragged step; returns float32 logits [len(step.logits_rows), V].
+
+        A step that raises must leave per-sequence state as it was (K/V written to the step's own
+        slots may stay: a rerun writes them again): the engine then reruns halves of the step to
+        find the request that fails and fails it alone."""
         self._require_loaded()
         self._validate_paged(step)
         return self._execute_paged_impl(step)

@@ -1,6 +1,7 @@
 """Sampling parameters and the sampler (numpy, backend-agnostic)."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -10,6 +11,12 @@ from .errors import ConfigError
 from .sequence import TokenLogprob
 
 MAX_LOGPROBS = 20  # as vLLM's default max_logprobs and OpenAI's top_logprobs limit
+# Temperatures below this sample as greedy (vLLM's _SAMPLING_EPS): dividing logits by a
+# denormal temperature overflows to inf and the softmax to NaN.
+MIN_TEMPERATURE = 1e-5
+# Seeds are OpenAI's: a signed 64-bit integer. The RNG takes it modulo 2**64, so every seed
+# in range (negative ones too) and every per-prompt offset of one (seed + i) is a valid stream.
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
 
 
 @dataclass
@@ -39,10 +46,12 @@ class SamplingParams:
     def __post_init__(self):
         if self.max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise ConfigError(f"temperature must be >= 0, got {self.temperature}")
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise ConfigError(f"temperature must be a finite number >= 0, got {self.temperature}")
         if self.top_k < 0:
             raise ConfigError(f"top_k must be >= 0, got {self.top_k}")
+        if self.seed is not None and (not _is_int(self.seed) or not SEED_MIN <= self.seed <= SEED_MAX):
+            raise ConfigError(f"seed must be an integer in {SEED_MIN}..{SEED_MAX} (or unset), got {self.seed!r}")
         if not 0.0 < self.top_p <= 1.0:
             raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
         if isinstance(self.stop, str):
@@ -57,11 +66,16 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < MIN_TEMPERATURE
 
 
 def _is_int(v) -> bool:
     return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
+def make_rng(seed: int | None) -> np.random.Generator:
+    """The RNG stream of a seed (None: fresh entropy); any integer, taken modulo 2**64."""
+    return np.random.default_rng(None if seed is None else int(seed) % 2**64)
 
 
 class Sampler:
@@ -69,7 +83,7 @@ class Sampler:
 
     def __init__(self, params: SamplingParams, seeds: list[int | None]):
         self.params = params
-        self.rngs = [np.random.default_rng(s) for s in seeds]
+        self.rngs = [make_rng(s) for s in seeds]
 
     def __call__(self, logits: np.ndarray, rows: list[int], ban: int | None = None) -> np.ndarray:
         """rows[i] is the request index of logits[i] (its RNG stream); `ban`: a token id no row
@@ -95,7 +109,13 @@ def sample_rows(logits: np.ndarray, params: list[SamplingParams], rngs: list[np.
     Rows `ban_rows` cannot get token `ban` (min_tokens' EOS): its logit counts as -inf there.
     `logits` is never written to (it may be the runner's buffer; logprobs read it raw).
     """
-    out = logits.argmax(axis=-1).tolist()
+    best = logits.argmax(axis=-1)
+    # argmax stops at the first NaN, so a row with any NaN (a model or runner fault) shows here:
+    # it must fail, not quietly become token 0.
+    bad = np.isnan(logits[np.arange(len(best)), best])
+    if bad.any():
+        raise FloatingPointError(f"NaN logits in row(s) {np.flatnonzero(bad).tolist()} of the step")
+    out = best.tolist()
     banned = set(ban_rows)
     for i, (p, rng) in enumerate(zip(params, rngs)):
         if not p.greedy and i not in banned:

@@ -24,7 +24,7 @@ class Completion:
     text: str
     token_ids: list[int]  # generated ids only (EOS included when it ended the row)
     prompt_token_ids: list[int]
-    finish_reason: str  # "stop" (EOS or stop string) | "length"
+    finish_reason: str  # "stop" (EOS or stop string) | "length" | "abort" | "error"
     ttft_ms: float
     total_ms: float
     # When each generated token was ready, ms after the request arrived (inter-token latency).
@@ -107,3 +107,6 @@ class RequestOutput:
     completion: Completion | None = None  # set on the final output
     # One per entry of new_token_ids when the request asked for logprobs (SamplingParams.logprobs).
     logprobs: list[TokenLogprob] | None = None
+    # finish_reason "error": what failed while computing this request (for logs and the Python
+    # API; servers tell their clients less).
+    error: str | None = None

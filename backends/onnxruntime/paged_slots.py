@@ -65,6 +65,16 @@ class PagedSlots:
     def _execute_paged_impl(self, step) -> np.ndarray:
         if self.gqa_session is None:
             raise MiniEngineError(f"continuous batching is unavailable here: {self.paged_reason}")
+        # A step that raises leaves the rows' bookkeeping as it found it, so that the engine can
+        # rerun a subset of the step's rows (it isolates a failing request that way).
+        saved = (self.slot_len.copy(), dict(self.slot_of), list(self.free_slots))
+        try:
+            return self._run_step(step)
+        except BaseException:
+            self.slot_len, self.slot_of, self.free_slots = saved
+            raise
+
+    def _run_step(self, step) -> np.ndarray:
         for sid in step.freed_seq_ids:
             slot = self.slot_of.pop(sid, None)
             if slot is not None:

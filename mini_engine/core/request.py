@@ -29,7 +29,7 @@ class Request:
     block_ids: list[int] = field(default_factory=list)
     num_hashed_blocks: int = 0  # leading full blocks registered with the prefix cache
     status: RequestStatus = RequestStatus.WAITING
-    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     num_cached_prompt: int = 0  # prompt tokens served by the prefix cache at first admission
     num_preemptions: int = 0
     # Timestamps (perf_counter) for TTFT / ITL / queue time.
