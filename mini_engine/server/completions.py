@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import logging
 import time
 from typing import AsyncIterator
 
@@ -18,12 +19,13 @@ from fastapi.responses import JSONResponse
 from ..errors import MiniEngineError
 from ..sampling import SamplingParams
 from ..sequence import Completion
-from .errors import APIError, error_body
+from .errors import APIError, error_body, field_param
 from .protocol import (CompletionChoice, CompletionChunk, CompletionLogprobs, CompletionRequest,
                        CompletionResponse, Usage, completion_id)
-from .state import ClientGone, EventStream, ServerState, Ticket, merge_streams
+from .state import ClientGone, EventStream, ServerState, Ticket, end_reason, engine_error, merge_streams
 
 ENDPOINT = "/v1/completions"
+log = logging.getLogger("mini_engine.server")
 
 
 def sampling_params(req: CompletionRequest, state: ServerState) -> SamplingParams:
@@ -37,8 +39,8 @@ def sampling_params(req: CompletionRequest, state: ServerState) -> SamplingParam
             top_k=max(req.top_k or 0, 0),  # vLLM's -1 and 0 both mean off
             seed=req.seed, stop=list(req.stop or []), ignore_eos=req.ignore_eos, truncate=req.truncate,
             logprobs=req.logprobs, min_tokens=req.min_tokens)
-    except MiniEngineError as e:  # a ConfigError names the field
-        raise APIError(400, str(e)) from None
+    except MiniEngineError as e:  # a ConfigError's message starts with the field's name
+        raise APIError(400, str(e), field_param(str(e), CompletionRequest)) from None
 
 
 def check_model(req_model: str | None, state: ServerState) -> str:
@@ -54,14 +56,17 @@ async def create_completion(req: CompletionRequest, raw: Request, state: ServerS
     prompts = req.prompts()
     mode = "stream" if req.stream else "batch"
     n = len(prompts)
+    state.check_prompt_count(n)
+    ids = [state.encode(p, params) for p in prompts]
+    state.check_size(ids, params)
     state.acquire(n)
     streams, tickets = [], []
     try:
-        for i, p in enumerate(prompts):
+        for i, (p, pid) in enumerate(zip(prompts, ids)):
             pi = params if params.seed is None else dataclasses.replace(params, seed=params.seed + i)
-            s = state.submit(p, pi)
+            s = state.submit(pid, pi, text=p if isinstance(p, str) else None)
             streams.append(s)
-            tickets.append(Ticket(s.request_id, ENDPOINT, mode))
+            tickets.append(Ticket(s.request_id, ENDPOINT, mode, s.prompt_tokens))
     except BaseException:
         for s in streams:
             state.engine.abort(s.request_id)
@@ -74,14 +79,19 @@ async def create_completion(req: CompletionRequest, raw: Request, state: ServerS
                            [s.request_id for s in streams])
     try:
         results = await state.bounded(asyncio.gather(*(s.result() for s in streams)), raw)
-    except APIError as e:
-        for t in tickets:
-            state.failed(t, e.status, "timeout" if e.status == 504 else "error")
-        raise
     except ClientGone:
         for t in tickets:
             state.failed(t, 499, "abort")
         return JSONResponse(error_body(499, "client closed the request"), status_code=499)
+    except MiniEngineError as e:  # one prompt's request ended early: the whole answer fails
+        for s in streams:
+            state.engine.abort(s.request_id)
+        err = engine_error(e)
+        for s, t in zip(streams, tickets):
+            state.failed(t, err.status, end_reason(err.status),
+                         e.output_tokens if getattr(e, "request_id", None) == s.request_id else 0)
+        err.counted = True
+        raise err from None
     finally:
         state.release(n)
     choices, usage = [], Usage()
@@ -111,55 +121,42 @@ async def _stream(req: CompletionRequest, model: str, streams, tickets, texts, s
     first = [True] * n
     ended = [False] * n
     first_token_ms: list[float | None] = [None] * n
-    timeout = state.config.request_timeout_s or None
     try:
         try:
-            async with asyncio.timeout(timeout):
-                async for i, out in merge_streams(streams):
-                    text = out.text
-                    if first[i]:
-                        first[i] = False
-                        first_token_ms[i] = (time.perf_counter() - tickets[i].started) * 1e3
-                        if req.echo:
-                            text = texts[i] + text
-                    out_tokens[i] += len(out.new_token_ids)
-                    lp = None
-                    if req.logprobs is not None:
-                        lp = _logprobs(state, getattr(out, "logprobs", None) or [], offsets[i], req.logprobs)
-                    offsets[i] += len(text)
-                    usage = None
-                    if out.finished:
-                        c: Completion = out.completion
-                        prompt_tokens[i] = len(c.prompt_token_ids)
-                        ended[i] = True
-                        state.finished(tickets[i], c)
-                    if continuous:
-                        usage = Usage(prompt_tokens=prompt_tokens[i], completion_tokens=out_tokens[i],
-                                      total_tokens=prompt_tokens[i] + out_tokens[i])
-                    chunk = CompletionChunk(id=cid, created=created, model=model, usage=usage, choices=[
-                        CompletionChoice(index=i, text=text, logprobs=lp,
-                                         finish_reason=out.finish_reason if out.finished else None)])
-                    yield f"data: {chunk.model_dump_json()}\n\n"
-        except TimeoutError:
-            for i, t in enumerate(tickets):
-                if not ended[i]:
+            async for i, out in merge_streams(streams):
+                text = out.text
+                if first[i]:
+                    first[i] = False
+                    first_token_ms[i] = (time.perf_counter() - tickets[i].started) * 1e3
+                    if req.echo:
+                        text = texts[i] + text
+                out_tokens[i] += len(out.new_token_ids)
+                lp = None
+                if req.logprobs is not None:
+                    lp = _logprobs(state, getattr(out, "logprobs", None) or [], offsets[i], req.logprobs)
+                offsets[i] += len(text)
+                usage = None
+                if out.finished:
+                    c: Completion = out.completion
+                    prompt_tokens[i] = len(c.prompt_token_ids)
                     ended[i] = True
-                    state.failed(t, 504, "timeout", out_tokens[i], first_token_ms[i])
-            body = error_body(504, f"the request did not finish within server.request_timeout_s = "
-                                   f"{state.config.request_timeout_s:g} s; it was aborted", code="timeout")
-            yield f"data: {json.dumps(body)}\n\n"
-            yield "data: [DONE]\n\n"
-            return
-        except APIError as e:
-            yield f"data: {json.dumps(error_body(e.status, e.message, e.param, e.code))}\n\n"
-            yield "data: [DONE]\n\n"
-            return
+                    state.finished(tickets[i], c)
+                if continuous:
+                    usage = Usage(prompt_tokens=prompt_tokens[i], completion_tokens=out_tokens[i],
+                                  total_tokens=prompt_tokens[i] + out_tokens[i])
+                chunk = CompletionChunk(id=cid, created=created, model=model, usage=usage, choices=[
+                    CompletionChoice(index=i, text=text, logprobs=lp,
+                                     finish_reason=out.finish_reason if out.finished else None)])
+                yield f"data: {chunk.model_dump_json()}\n\n"
         except Exception as e:  # noqa: BLE001 - the headers are sent: the error goes in the stream
+            err = engine_error(e)
+            if not isinstance(e, MiniEngineError):
+                log.error("%s stream: %s: %s", ENDPOINT, type(e).__name__, e)
             for i, t in enumerate(tickets):
                 if not ended[i]:
                     ended[i] = True
-                    state.failed(t, 500, "error", out_tokens[i], first_token_ms[i])
-            yield f"data: {json.dumps(error_body(500, f'{type(e).__name__}: {e}', code='engine_error'))}\n\n"
+                    state.failed(t, err.status, end_reason(err.status), out_tokens[i], first_token_ms[i])
+            yield f"data: {json.dumps(error_body(err.status, err.message, err.param, err.code))}\n\n"
             yield "data: [DONE]\n\n"
             return
         if include_usage:

@@ -20,7 +20,7 @@ log = logging.getLogger("mini_engine.server")
 # OpenAI's error types by status.
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
           405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
-          500: "internal_error", 503: "service_unavailable", 504: "timeout"}
+          499: "invalid_request_error", 500: "internal_error", 503: "service_unavailable", 504: "timeout"}
 
 _PROMPT_FORMS = "prompt must be a string, a list of strings, a list of token ids, or a list of token-id lists"
 
@@ -30,14 +30,14 @@ class APIError(Exception):
                  headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
+        self.counted = False  # set where the error was counted per engine request already
 
     def response(self) -> JSONResponse:
         return error_response(self.status, self.message, self.param, self.code, self.headers)
 
 
 def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
-    info = ErrorInfo(message=message, type=_TYPES.get(status, "invalid_request_error"), param=param,
-                     code=code if code is not None else status)
+    info = ErrorInfo(message=message, type=_TYPES.get(status, "invalid_request_error"), param=param, code=code)
     return ErrorResponse(error=info).model_dump()
 
 
@@ -53,7 +53,15 @@ def from_engine_error(e: MiniEngineError) -> APIError:
         return APIError(400, str(e), "prompt", "context_length_exceeded")
     if isinstance(e, ConfigError):
         return APIError(400, str(e))
-    return APIError(500, str(e), code="engine_error")
+    log.error("engine refused a request: %s: %s", type(e).__name__, e)
+    return APIError(500, "the engine could not take this request; see the server log", code="internal_error")
+
+
+def field_param(message: str, body_model) -> str | None:
+    """The request field a SamplingParams message is about (its first word), in the API's name."""
+    name = message.split(" ", 1)[0]
+    name = {"max_new_tokens": "max_tokens"}.get(name, name) if "max_tokens" in body_model.model_fields else name
+    return name if name in body_model.model_fields else None
 
 
 def validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
@@ -79,16 +87,26 @@ def validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     return msg, param
 
 
+def count_error(request: Request, status: int) -> None:
+    """Every answered error counts in /metrics by status (an app without server state: none)."""
+    state = getattr(request.app.state, "server", None)
+    if state is not None:
+        state.metrics.error(status)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
         log.warning("%s %s -> %d: %s", request.method, request.url.path, exc.status, exc.message)
+        if not exc.counted:
+            count_error(request, exc.status)
         return exc.response()
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):
         msg, param = validation_message(exc)
         log.warning("%s %s -> 400: %s", request.method, request.url.path, msg)
+        count_error(request, 400)
         return error_response(400, msg, param)
 
     @app.exception_handler(StarletteHTTPException)
@@ -102,9 +120,11 @@ def install_error_handlers(app: FastAPI) -> None:
         else:
             msg = str(exc.detail)
         log.warning("%s %s -> %d: %s", request.method, request.url.path, exc.status_code, msg)
+        count_error(request, exc.status_code)
         return error_response(exc.status_code, msg, headers=getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception):
         log.error("%s %s -> 500: %s: %s", request.method, request.url.path, type(exc).__name__, exc)
-        return error_response(500, f"internal error: {type(exc).__name__}", code="internal_error")
+        count_error(request, 500)
+        return error_response(500, "internal error; see the server log", code="internal_error")

@@ -22,13 +22,32 @@ from ..errors import ConfigError, MiniEngineError
 log = logging.getLogger("mini_engine.server")
 
 
+class OneLineFormatter(logging.Formatter):
+    """One line per record whatever a request put in it: control characters (a path's %0a, a
+    prompt's escape sequences) and tracebacks are escaped, so no client can forge log lines."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return escape_controls(super().format(record))
+
+
+def escape_controls(text: str) -> str:
+    return text.translate(_CONTROLS) if any(c in _CONTROLS for c in map(ord, text)) else text
+
+
+_CONTROLS = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7f, 0xa0))} | {0x2028: "\\u2028", 0x2029: "\\u2029"}
+
+
 def configure_logging() -> None:
-    if not log.handlers:
+    """The package's loggers (server, engine) and uvicorn's write one escaped line each to stderr."""
+    root = logging.getLogger("mini_engine")
+    if not root.handlers:
         h = logging.StreamHandler(sys.stderr)
-        h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        log.addHandler(h)
-        log.setLevel(logging.INFO)
-        log.propagate = False
+        h.setFormatter(OneLineFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        for name, level in (("mini_engine", logging.INFO), ("uvicorn", logging.WARNING)):
+            logger = logging.getLogger(name)
+            logger.addHandler(h)
+            logger.setLevel(level)
+            logger.propagate = False
 
 
 class Server:
@@ -58,7 +77,7 @@ class Server:
             if not self.engine.continuous:
                 raise ConfigError(f"the server needs continuous batching, which this configuration lacks: "
                                   f"{self.engine.static_reason}")
-            self.async_engine = AsyncEngine(self.engine)
+            self.async_engine = AsyncEngine(self.engine, max_stream_backlog=sc.max_stream_backlog)
             self.warmup_s = self._warmup()
             if sc.log_csv:
                 self.request_log = RequestLog(sc.log_csv, cfg.backend.name, cfg.backend.device)
@@ -70,8 +89,13 @@ class Server:
         self.model_name = sc.model_name or cfg.model.source
         self.state = ServerState(self.async_engine, sc, self.model_name, self.request_log)
         self.app = build_app(self.state)
-        ucfg = uvicorn.Config(self.app, host=sc.host, port=sc.port, log_level="warning", access_log=sc.access_log,
-                              timeout_graceful_shutdown=int(sc.shutdown_grace_s) or None, lifespan="off")
+        # log_config=None: uvicorn's loggers write through configure_logging's escaping handler.
+        ucfg = uvicorn.Config(self.app, host=sc.host, port=sc.port, log_config=None, access_log=sc.access_log,
+                              timeout_graceful_shutdown=sc.shutdown_grace_s, lifespan="off",
+                              limit_concurrency=sc.max_connections, timeout_keep_alive=min(5, sc.header_timeout_s),
+                              http=header_timeout_protocol(sc.header_timeout_s))
+        if sc.access_log:
+            logging.getLogger("uvicorn.access").setLevel(logging.INFO)
         self._uvicorn = _uvicorn_server_class()(ucfg)
         self._thread: threading.Thread | None = None
         self._failed: BaseException | None = None
@@ -175,6 +199,40 @@ class Server:
         if self._uvicorn.started and on_ready is not None:
             on_ready()
         await task
+
+
+def header_timeout_protocol(timeout_s: float):
+    """uvicorn's HTTP protocol class, closing a connection that serves no request for `timeout_s`:
+    one that is slow to send its request's headers (slowloris) or idles between requests. Once
+    the headers are in, the request's own deadline (server.request_timeout_s) applies."""
+    from uvicorn.config import HTTP_PROTOCOLS
+    from uvicorn.importer import import_from_string
+
+    base = import_from_string(HTTP_PROTOCOLS["auto"])
+    check_every = min(1.0, timeout_s / 4)
+
+    class HeaderTimeoutProtocol(base):
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._idle_since = self.loop.time()
+            self._idle_timer = self.loop.call_later(check_every, self._check_idle)
+
+        def _check_idle(self) -> None:
+            if self.transport.is_closing():
+                return
+            now = self.loop.time()
+            if self.cycle is not None and not self.cycle.response_complete:
+                self._idle_since = now  # a request is being served
+            elif now - self._idle_since > timeout_s:
+                self.transport.close()
+                return
+            self._idle_timer = self.loop.call_later(check_every, self._check_idle)
+
+        def connection_lost(self, exc) -> None:
+            self._idle_timer.cancel()
+            super().connection_lost(exc)
+
+    return HeaderTimeoutProtocol
 
 
 def _uvicorn_server_class():

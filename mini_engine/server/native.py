@@ -4,8 +4,8 @@ event with the timings). Same engine path as /v1/completions, one prompt per req
 """
 from __future__ import annotations
 
-import asyncio
 import json
+import logging
 from typing import AsyncIterator
 
 from fastapi import Request
@@ -14,9 +14,11 @@ from fastapi.responses import JSONResponse
 from ..errors import MiniEngineError
 from ..sampling import SamplingParams
 from ..sequence import Completion
-from .errors import APIError, error_body
+from .errors import APIError, error_body, field_param
 from .protocol import GenerateRequest, GenerateResponse, Usage
-from .state import ClientGone, EventStream, ServerState, Ticket
+from .state import ClientGone, EventStream, ServerState, Ticket, end_reason, engine_error
+
+log = logging.getLogger("mini_engine.server")
 
 
 def _params(req: GenerateRequest, state: ServerState):
@@ -24,8 +26,8 @@ def _params(req: GenerateRequest, state: ServerState):
         return SamplingParams(max_new_tokens=req.max_new_tokens, temperature=req.temperature, top_k=req.top_k,
                               top_p=req.top_p, seed=req.seed, stop=list(req.stop), ignore_eos=req.ignore_eos,
                               truncate=req.truncate)
-    except MiniEngineError as e:  # a ConfigError names the field
-        raise APIError(400, str(e)) from None
+    except MiniEngineError as e:  # a ConfigError's message starts with the field's name
+        raise APIError(400, str(e), field_param(str(e), GenerateRequest)) from None
 
 
 def _response(rid: str, c: Completion) -> GenerateResponse:
@@ -40,22 +42,26 @@ def _response(rid: str, c: Completion) -> GenerateResponse:
 
 def _start(req: GenerateRequest, state: ServerState, endpoint: str, mode: str):
     params = _params(req, state)
+    ids = state.encode(req.prompt, params)
+    state.check_size([ids], params)
     state.acquire(1)
     try:
-        stream = state.submit(req.prompt, params)
+        stream = state.submit(ids, params, text=req.prompt if isinstance(req.prompt, str) else None)
     except BaseException:
         state.release(1)
         raise
-    return stream, Ticket(stream.request_id, endpoint, mode)
+    return stream, Ticket(stream.request_id, endpoint, mode, stream.prompt_tokens)
 
 
 async def generate(req: GenerateRequest, raw: Request, state: ServerState):
     stream, ticket = _start(req, state, "/generate", "batch")
     try:
         c = await state.bounded(stream.result(), raw)
-    except APIError as e:
-        state.failed(ticket, e.status, "timeout" if e.status == 504 else "error")
-        raise
+    except MiniEngineError as e:
+        err = engine_error(e)
+        state.failed(ticket, err.status, end_reason(err.status), getattr(e, "output_tokens", 0))
+        err.counted = True
+        raise err from None
     except ClientGone:
         state.failed(ticket, 499, "abort")
         return JSONResponse(error_body(499, "client closed the request"), status_code=499)
@@ -74,26 +80,22 @@ async def _events(stream, ticket: Ticket, state: ServerState) -> AsyncIterator[s
     ended, n_out = False, 0
     try:
         try:
-            async with asyncio.timeout(state.config.request_timeout_s or None):
-                async for out in stream:
-                    n_out += len(out.new_token_ids)
-                    event = {"request_id": stream.request_id, "text": out.text, "token_ids": out.new_token_ids,
-                             "finished": out.finished}
-                    if out.finished:
-                        ended = True
-                        state.finished(ticket, out.completion)
-                        event |= _response(stream.request_id, out.completion).model_dump(exclude={"text", "token_ids"})
-                    yield f"data: {json.dumps(event)}\n\n"
-        except TimeoutError:
-            ended = True
-            state.failed(ticket, 504, "timeout", n_out)
-            body = error_body(504, f"the request did not finish within server.request_timeout_s = "
-                                   f"{state.config.request_timeout_s:g} s; it was aborted", code="timeout")
-            yield f"data: {json.dumps(body)}\n\n"
+            async for out in stream:
+                n_out += len(out.new_token_ids)
+                event = {"request_id": stream.request_id, "text": out.text, "token_ids": out.new_token_ids,
+                         "finished": out.finished}
+                if out.finished:
+                    ended = True
+                    state.finished(ticket, out.completion)
+                    event |= _response(stream.request_id, out.completion).model_dump(exclude={"text", "token_ids"})
+                yield f"data: {json.dumps(event)}\n\n"
         except Exception as e:  # noqa: BLE001 - the headers are sent: the error goes in the stream
             ended = True
-            state.failed(ticket, 500, "error", n_out)
-            yield f"data: {json.dumps(error_body(500, f'{type(e).__name__}: {e}', code='engine_error'))}\n\n"
+            err = engine_error(e)
+            if not isinstance(e, MiniEngineError):
+                log.error("/generate/stream: %s: %s", type(e).__name__, e)
+            state.failed(ticket, err.status, end_reason(err.status), n_out)
+            yield f"data: {json.dumps(error_body(err.status, err.message, err.param, err.code))}\n\n"
     finally:
         if not ended:
             state.failed(ticket, 499, "abort", n_out)

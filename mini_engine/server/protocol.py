@@ -222,7 +222,7 @@ class ErrorInfo(BaseModel):
     message: str
     type: str
     param: Optional[str] = None
-    code: Optional[Union[str, int]] = None
+    code: Optional[str] = None  # OpenAI's: a string or null
 
 
 class ErrorResponse(BaseModel):

@@ -16,8 +16,8 @@ from typing import Any, AsyncIterator, Awaitable, TypeVar
 from starlette.requests import Request
 from starlette.responses import StreamingResponse
 
-from ..async_engine import AsyncEngine, RequestStream
-from ..errors import MiniEngineError
+from ..async_engine import AsyncEngine, EngineDeadError, RequestStream, RequestTimedOut, StreamBacklogFull
+from ..errors import ConfigError, MiniEngineError
 from ..sampling import SamplingParams
 from ..sequence import Completion
 from .errors import APIError, from_engine_error
@@ -27,6 +27,27 @@ from .server_config import ServerConfig
 
 log = logging.getLogger("mini_engine.server")
 T = TypeVar("T")
+
+
+STREAM_CLOSE_GRACE_S = 5.0
+
+
+def engine_error(e: BaseException) -> APIError:
+    """What a client is told of a request that the engine ended: no internal detail (the log has it)."""
+    if isinstance(e, RequestTimedOut):
+        return APIError(504, "the request did not finish within the server's request timeout "
+                             "(server.request_timeout_s); it was aborted", code="timeout")
+    if isinstance(e, StreamBacklogFull):
+        return APIError(499, "the client stopped reading the stream; the request was aborted", code="client_too_slow")
+    if isinstance(e, EngineDeadError):
+        return APIError(503, "the engine is not running; see the server log", code="engine_unavailable",
+                        headers={"Retry-After": "5"})
+    return APIError(500, "the engine failed while computing this request; see the server log", code="internal_error")
+
+
+def end_reason(status: int) -> str:
+    """The request log's finish_reason for a request that ended with `status`."""
+    return {504: "timeout", 499: "abort"}.get(status, "error")
 
 
 class ClientGone(Exception):
@@ -66,6 +87,30 @@ class ServerState:
         return s | {"alive": self.engine.is_alive}
 
     # ----- admission ---------------------------------------------------------------------
+    def check_prompt_count(self, n: int) -> None:
+        """Prompts in one request (server.max_prompts_per_request, and never more than can be
+        admitted at once): a 400 naming the limit, since retrying could never succeed."""
+        sc = self.config
+        if n > min(sc.max_prompts_per_request, sc.max_concurrent_requests):
+            name = "max_prompts_per_request" if sc.max_prompts_per_request <= sc.max_concurrent_requests \
+                else "max_concurrent_requests"
+            raise APIError(400, f"this request has {n} prompts; the server takes at most {getattr(sc, name)} "
+                                f"per request (server.{name})", "prompt", "request_too_large")
+
+    def check_size(self, prompts: list[list[int]], params: SamplingParams) -> None:
+        """Tokens and logprobs one request may ask for (server.max_*_per_request): 400 past them."""
+        sc = self.config
+        n = len(prompts)
+        tokens = sum(len(p) for p in prompts) + n * params.max_new_tokens
+        if tokens > sc.max_tokens_per_request:
+            raise APIError(400, f"this request needs {tokens} tokens (prompt tokens + max_tokens, over its prompts); "
+                                f"the server takes at most {sc.max_tokens_per_request} per request "
+                                f"(server.max_tokens_per_request)", "max_tokens", "request_too_large")
+        if params.logprobs and params.logprobs * n > sc.max_logprobs_per_request:
+            raise APIError(400, f"logprobs {params.logprobs} x {n} prompts = {params.logprobs * n}; the server "
+                                f"takes at most {sc.max_logprobs_per_request} per request "
+                                f"(server.max_logprobs_per_request)", "logprobs", "request_too_large")
+
     def acquire(self, n: int) -> None:
         """Admit n engine requests or refuse at once; the caller release()s them when they end."""
         if not self.engine.is_alive:
@@ -73,7 +118,6 @@ class ServerState:
                            headers={"Retry-After": "5"})
         limit = self.config.max_concurrent_requests
         if self.in_flight + n > limit:
-            self.metrics.error(429)
             raise APIError(429, f"the server is at its limit of {limit} concurrent requests "
                                 f"(server.max_concurrent_requests); retry later",
                            code="queue_full", headers={"Retry-After": "1"})
@@ -82,43 +126,44 @@ class ServerState:
     def release(self, n: int) -> None:
         self.in_flight -= n
 
-    def submit(self, prompt: str | list[int], params: SamplingParams) -> RequestStream:
-        """Tokenize, check against the window and the pool, queue. Engine refusals become 400s."""
+    def encode(self, prompt: str | list[int], params: SamplingParams) -> list[int]:
+        """A prompt's token ids, checked against the vocabulary and the window (400 if not)."""
         try:
-            return self.engine.submit(prompt, params)
+            if isinstance(prompt, str):
+                return self.core.encode_prompt(prompt, params)
+            return self.core.check_prompt_ids(prompt, params)
+        except ConfigError as e:
+            raise APIError(400, str(e), "prompt") from None
         except MiniEngineError as e:
-            if not self.engine.is_alive:
-                raise APIError(503, str(e), code="engine_unavailable", headers={"Retry-After": "5"}) from None
+            raise from_engine_error(e) from None
+
+    def submit(self, ids: list[int], params: SamplingParams, text: str | None = None) -> RequestStream:
+        """Check against the pool, queue with the request's deadline. Engine refusals become 400s."""
+        try:
+            return self.engine.submit(ids, params, text=text, timeout_s=self.config.request_timeout_s or None)
+        except MiniEngineError as e:
             raise from_engine_error(e) from None
 
     # ----- one request's deadline and disconnect watch ---------------------------------------
-    async def bounded(self, work: Awaitable[T], request: Request | None) -> T:
-        """Run `work` until done, the request's timeout (504) or the client leaving (ClientGone);
-        cancelling `work` aborts its engine requests (their streams do that when left)."""
+    async def bounded(self, work: Awaitable[T], request: Request) -> T:
+        """Run `work` until done or the client leaving (ClientGone); cancelling `work` aborts its
+        engine requests (their streams do that when left). The deadline is the engine's: its
+        streams end with RequestTimedOut."""
         task = asyncio.ensure_future(work)
-        waiters = {task}
-        gone = None
-        if request is not None:
-            gone = asyncio.ensure_future(_wait_disconnect(request))
-            waiters.add(gone)
-        timeout = self.config.request_timeout_s or None
+        gone = asyncio.ensure_future(_wait_disconnect(request))
         try:
-            done, _ = await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
         except asyncio.CancelledError:
             task.cancel()
             raise
         finally:
-            if gone is not None:
-                gone.cancel()
+            gone.cancel()
         if task in done:
             return task.result()
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await task
-        if gone is not None and gone in done:
-            raise ClientGone()
-        raise APIError(504, f"the request did not finish within server.request_timeout_s = "
-                            f"{self.config.request_timeout_s:g} s; it was aborted", code="timeout")
+        raise ClientGone()
 
     # ----- accounting ----------------------------------------------------------------------
     def finished(self, ticket: Ticket, c: Completion, status: int = 200) -> None:
@@ -129,6 +174,7 @@ class ServerState:
 
     def failed(self, ticket: Ticket, status: int, reason: str, output_tokens: int = 0,
                ttft_ms: float | None = None) -> None:
+        """An admitted request that ended without its completion: its metric and its log row."""
         self.metrics.error(status)
         if self.log is not None:
             e2e = (time.perf_counter() - ticket.started) * 1e3
@@ -147,8 +193,15 @@ class EventStream(StreamingResponse):
         self._state, self._n, self._ids = state, n, request_ids
 
     async def __call__(self, scope, receive, send):
+        # The engine ends the request at its deadline; a client that does not read the error event
+        # then (its socket buffers are full) loses the connection a few seconds later.
+        timeout = self._state.config.request_timeout_s
         try:
-            await super().__call__(scope, receive, send)
+            async with asyncio.timeout(timeout + STREAM_CLOSE_GRACE_S if timeout else None):
+                await super().__call__(scope, receive, send)
+        except TimeoutError:
+            log.warning("stream of %s: the client did not read its last events; connection closed",
+                        ", ".join(self._ids))
         finally:
             for rid in self._ids:
                 self._state.engine.abort(rid)  # a no-op for requests that finished
