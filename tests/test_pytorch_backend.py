@@ -69,3 +69,38 @@ def test_paged_attention_option_is_checked_in_one_line(options, dtype, message):
 
     with pytest.raises(ConfigError, match=re.escape(message)):
         TorchRunner(RunnerConfig(model=resolve_model("random:tiny"), dtype=dtype, options=options)).load()
+
+
+def test_onednn_row_buckets_are_few_and_exact():
+    """Row counts past EXACT_ROWS are padded to at most 1/16 more, so a server meets a bounded set
+    of GEMM shapes whatever its traffic; the padded rows change no real row's output."""
+    import torch
+
+    from mini_engine_backends.pytorch.linears import EXACT_ROWS, CpuLinear, bucket_rows, onednn_usable
+
+    buckets = [bucket_rows(m) for m in range(1, 2049)]
+    assert all(m <= b <= m + max(1, m // 16) for m, b in zip(range(1, 2049), buckets))
+    assert buckets[:EXACT_ROWS] == list(range(1, EXACT_ROWS + 1)) and len(set(buckets)) == 144
+    if not onednn_usable():
+        pytest.skip("no oneDNN linear in this torch build")
+    torch.manual_seed(0)
+    w, b = torch.randn(48, 32), torch.randn(48)
+    lin = CpuLinear(w, b)
+    for m in (1, 64, 65, 100, 131):
+        x = torch.randn(1, m, 32)
+        assert torch.allclose(lin(x), torch.nn.functional.linear(x, w, b), atol=1e-4), m
+
+
+def test_kv_pool_is_resident_from_the_start():
+    """The kernel's pool is written at allocation: resident memory is its size at once, not a growth
+    with every new block that traffic reaches (which reads as a leak)."""
+    import psutil
+
+    from mini_engine_backends.pytorch.paged_attention import allocate_pool
+
+    proc = psutil.Process()
+    before = proc.memory_info().rss
+    keys, values = allocate_pool(2, 64, 4, 128, 64)  # 2 layers x K,V x 8 MiB
+    grown = (proc.memory_info().rss - before) / 2**20
+    assert grown >= 0.9 * 32, grown
+    del keys, values

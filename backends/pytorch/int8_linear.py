@@ -39,7 +39,7 @@ from torch import nn
 
 from mini_engine.errors import ConfigError
 
-from .linears import swap_linears
+from .linears import bucket_rows, pad_rows, swap_linears
 
 # Activations are stored as uint8 q + zero point, the zero point fixed per level count (never per
 # batch): 128 for |q| <= 127; 64 for |q| <= 63, so every uint8 value is <= 127.
@@ -153,10 +153,13 @@ class Int8Linear(nn.Module):
         xq = torch.empty(x.shape, dtype=torch.uint8)
         s = torch.empty((x.shape[0], 1))
         quantize_rows(np.ascontiguousarray(x.numpy()), self._levels, self._zero, xq.numpy(), s.numpy())
+        m = x.shape[0]
+        rows = bucket_rows(m)  # bounded shapes, bounded oneDNN memory (linears.EXACT_ROWS); pads are zeros
+        xq, s = pad_rows(xq, rows, self.zero_point), pad_rows(s, rows)
         y = torch.ops.onednn.qlinear_pointwise(xq, 1.0, self.zero_point, self.packed, self.w_scale, self.w_zero, None,
                                                1.0, 0, torch.float32, "none", [], "")
         finish_rows(y.numpy(), s.numpy(), self.bias.numpy())
-        return y.view(*shape[:-1], self.out_features)
+        return y[:m].view(*shape[:-1], self.out_features)
 
 
 # Below this many weights a layer's GEMV runs on one thread: the hand-off costs more than it saves.

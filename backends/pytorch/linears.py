@@ -14,6 +14,31 @@ import torch
 from torch import nn
 
 
+# oneDNN keeps native memory for every distinct row count it has run a layer with (JIT kernels
+# and primitives, beyond its primitive cache's own bound), and continuous batching makes steps of
+# ever-new token counts: a server's memory would grow with the variety of its traffic. Row counts
+# up to EXACT_ROWS (batched decodes) run as they are; larger ones (prefill chunks) are padded up
+# to one of sixteen sizes per power of two, at most 1/16 more rows, so the distinct shapes, and
+# the memory they hold, stay bounded (144 shapes up to 2048 rows).
+EXACT_ROWS = 64
+
+
+def bucket_rows(m: int) -> int:
+    """The row count a oneDNN GEMM runs for m rows: m up to EXACT_ROWS, then the next multiple of
+    a sixteenth of m's power of two (65 -> 68, 100 -> 100, 1000 -> 1024)."""
+    if m <= EXACT_ROWS:
+        return m
+    step = 1 << (m.bit_length() - 5)
+    return -(-m // step) * step
+
+
+def pad_rows(x: torch.Tensor, rows: int, value=0) -> torch.Tensor:
+    """x [m, k] with rows - m rows of `value` appended (x itself when m == rows)."""
+    if x.shape[0] == rows:
+        return x
+    return torch.cat([x, x.new_full((rows - x.shape[0], x.shape[1]), value)])
+
+
 class CpuLinear(nn.Module):
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
@@ -21,7 +46,11 @@ class CpuLinear(nn.Module):
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        lead = x.shape[:-1]
+        x = x.reshape(-1, x.shape[-1])
+        m = x.shape[0]
+        y = torch.ops.mkldnn._linear_pointwise(pad_rows(x, bucket_rows(m)), self.packed, self.bias, "none", [], "")
+        return y[:m].view(*lead, y.shape[-1])
 
 
 def onednn_usable() -> bool:

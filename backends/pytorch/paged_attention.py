@@ -45,12 +45,13 @@ from numba import njit
 def allocate_pool(n_layer: int, num_blocks: int, n_head: int, block_size: int, head_dim: int):
     """(keys, values): one array per layer in the kernel's layout, on huge pages where the OS grants them.
 
-    Anonymous memory is mapped on first write, so resident memory grows with the blocks in use,
-    not with the pool's size: with huge pages, by each 2 MB region (~42 blocks of GPT-2 small's
-    layer) that holds a written block; the pool's size (scheduler.kv_cache_mib) bounds it.
+    The pool is written once here: anonymous memory is mapped on first write, and a pool mapped
+    block by block as traffic reaches new blocks makes a server's memory climb for as long as its
+    pool has unused blocks, which looks like a leak. Written up front, resident memory is the
+    pool's size (scheduler.kv_cache_mib) from the start and stays there.
     """
     def one(shape):
-        if not hasattr(mmap, "MAP_ANONYMOUS"):  # not a POSIX system: plain (lazily mapped) zeros
+        if not hasattr(mmap, "MAP_ANONYMOUS"):  # not a POSIX system: plain zeros
             return np.zeros(shape, np.float32)
         size = int(np.prod(shape)) * 4
         buf = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
@@ -59,7 +60,9 @@ def allocate_pool(n_layer: int, num_blocks: int, n_head: int, block_size: int, h
                 buf.madvise(mmap.MADV_HUGEPAGE)
             except OSError:  # a kernel without THP: 4 KB pages, same results
                 pass
-        return np.frombuffer(buf, np.float32).reshape(shape)
+        arr = np.frombuffer(buf, np.float32).reshape(shape)
+        arr.fill(0.0)
+        return arr
 
     shape = (num_blocks, block_size, n_head, head_dim)
     keys = [one(shape) for _ in range(n_layer)]
