@@ -214,6 +214,31 @@ def test_a_stream_whose_reader_falls_behind_is_aborted():
         assert len(got) == 6  # the backlog it was allowed, plus the one that passed the bound
 
 
+def test_a_stalled_multi_prompt_stream_is_aborted_too():
+    """The server's merge of a request's prompt streams passes the stall on: a consumer that takes
+    one increment and stops leaves the rest in the prompts' own streams, whose bound aborts them."""
+    from mini_engine import Engine
+    from mini_engine.async_engine import AsyncEngine
+    from mini_engine.sampling import SamplingParams
+    from mini_engine.server.state import merge_streams
+
+    async def stall(ae, engine):
+        streams = [ae.submit([1, 2, i], SamplingParams(max_new_tokens=60, ignore_eos=True)) for i in range(3)]
+        merged = merge_streams(streams)
+        await merged.__anext__()  # one increment, then the client stops reading
+        deadline = time.monotonic() + 30
+        while engine.has_unfinished_requests() and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        left = engine.has_unfinished_requests()
+        await merged.aclose()
+        return left
+
+    with Engine(model="random:tiny", backend="torch") as engine, \
+            AsyncEngine(engine, max_stream_backlog=5) as ae:
+        assert asyncio.run(stall(ae, engine)) is False
+        assert engine.scheduler.block_manager.usage == 0
+
+
 def test_browser_safety(hf_dir):
     with running_server(str(hf_dir)) as s:
         port = s.url.rsplit(":", 1)[1]

@@ -77,7 +77,7 @@ class EngineReplica:
             if not self.engine.continuous:
                 raise ConfigError(f"the server needs continuous batching, which this configuration lacks: "
                                   f"{self.engine.static_reason}")
-            self.async_engine = AsyncEngine(self.engine)
+            self.async_engine = AsyncEngine(self.engine, max_stream_backlog=sc.max_stream_backlog)
             t = time.perf_counter()
             # As `mini-engine serve`: kernels compile now, not in the first user's TTFT.
             self.async_engine.generate([self.engine.tokenizer.eos_token_id] * 20, SamplingParams(max_new_tokens=2))

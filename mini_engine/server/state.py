@@ -224,14 +224,16 @@ async def merge_streams(streams: list[RequestStream]) -> AsyncIterator[tuple[int
         async for out in streams[0]:
             yield 0, out
         return
-    q: asyncio.Queue = asyncio.Queue()
+    # Bounded: when the consumer stalls (its client stopped reading), the readers stall too and the
+    # increments wait in their streams, where max_stream_backlog sees them.
+    q: asyncio.Queue = asyncio.Queue(maxsize=len(streams))
     done = object()
 
     async def read(i: int, s: RequestStream):
         try:
             async for out in s:
                 await q.put((i, out))
-        except BaseException as e:  # noqa: BLE001 - the consumer re-raises it
+        except Exception as e:  # noqa: BLE001 - the consumer re-raises it (cancellation is not caught)
             await q.put((i, e))
             return
         await q.put((i, done))
