@@ -222,6 +222,17 @@ async def soak(args, server: ServerProcess, model: str, window: int) -> dict:
 WARMUP_REQUESTS = 16
 
 
+def git_commit() -> str:
+    """The checkout's commit, with "+changes" when its tracked files differ from it."""
+    import subprocess
+
+    def git(*a):
+        return subprocess.run(["git", *a], capture_output=True, text=True, cwd=Path(__file__).parent).stdout.strip()
+
+    head = git("rev-parse", "--short", "HEAD") or "unknown"
+    return head + ("+changes" if git("status", "--porcelain", "--untracked-files=no") else "")
+
+
 def read_error_metrics(url: str) -> dict[str, float]:
     """mini_engine:request_errors_total by status, from /metrics."""
     import httpx
@@ -236,7 +247,8 @@ def read_error_metrics(url: str) -> dict[str, float]:
 def markdown(rep: dict) -> str:
     m, f = rep["rss_mib"], rep["final_stats"]
     lines = [f"# Soak: {rep['minutes']:g} minutes of mixed load, {rep['model']} on {rep['backend']}", "",
-             f"CPU: {rep['cpu']} ({rep['cpu_flags']}). Server: `{rep['server_cmd']}` (its own process, 127.0.0.1), "
+             f"CPU: {rep['cpu']} ({rep['cpu_flags']}); commit {rep.get('commit', '?')}. "
+             f"Server: `{rep['server_cmd']}` (its own process, 127.0.0.1), "
              f"{rep['clients']} closed-loop client workers in another process.", "",
              f"Command: `python {rep['command']}`", "",
              f"Requests sent: {rep['sent']} in {rep['sent_s']:.0f} s ({rep['sent'] / rep['sent_s']:.2f} req/s); "
@@ -322,7 +334,7 @@ def shape_probe(args) -> int:
         rows.append(json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else
                     {"target": target, "error": (proc.stderr.strip().splitlines() or ["failed"])[-1]})
     lines = [f"# Server RSS vs step shapes: {args.model}, in-process Engine, no HTTP", "",
-             f"CPU: {cpu_model()} ({cpu_flags()}). One 2-token request per distinct prompt length "
+             f"CPU: {cpu_model()} ({cpu_flags()}); commit {git_commit()}. One 2-token request per distinct prompt length "
              f"{args.probe_lengths} (start:stop:step), one at a time, then half of the lengths again with other tokens.",
              "", f"Command: `python {command_line()}`", "",
              "| target | distinct lengths | RSS before MiB | after the new lengths | after repeating lengths | "
@@ -406,7 +418,8 @@ def main(argv=None) -> int:
     idle_ok = idle_ok and final["running"] == 0 and final["waiting"] == 0 and final["kv_usage"] == 0 \
         and final["admitted"] == 0
     notes = [ln[6:] for ln in server.lines if ln.startswith("note: KV")]
-    rep = {"command": command_line(), "cpu": cpu_model(), "cpu_flags": cpu_flags(), "model": args.model,
+    rep = {"command": command_line(), "cpu": cpu_model(), "cpu_flags": cpu_flags(), "commit": git_commit(),
+           "model": args.model,
            "backend": args.backend, "minutes": args.minutes, "clients": args.clients, "seed": args.seed,
            "server_cmd": " ".join(server.cmd[1:]), "sent": tally.sent, "sent_s": res["sent_s"],
            "tokens": tally.tokens, "by_kind": tally.by_kind, "problems": tally.problems,
