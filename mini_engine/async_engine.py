@@ -251,7 +251,7 @@ class AsyncEngine:
 
     def _check_alive(self) -> None:
         if self.error is not None:
-            raise EngineDeadError("the engine loop stopped on an internal error (see the server log)")
+            raise EngineDeadError(f"the engine loop stopped: {type(self.error).__name__}: {self.error}")
         if self._closed:
             raise MiniEngineError("the engine is closed")
 
@@ -272,7 +272,8 @@ class AsyncEngine:
             log.error("the engine loop stopped: %s: %s", type(e).__name__, e)
             with self._lock:
                 self.error = e
-            err = EngineDeadError("the engine loop stopped on an internal error (see the server log)")
+            # The detail is the Python caller's to see; the HTTP server answers its clients generically.
+            err = EngineDeadError(f"the engine loop stopped: {type(e).__name__}: {e}")
             for stream in self._streams.values():
                 stream._put(err)
             self._streams.clear()

@@ -142,7 +142,7 @@ class ServerState:
         try:
             return self.engine.submit(ids, params, text=text, timeout_s=self.config.request_timeout_s or None)
         except MiniEngineError as e:
-            raise from_engine_error(e) from None
+            raise (engine_error(e) if not self.engine.is_alive else from_engine_error(e)) from None
 
     # ----- one request's deadline and disconnect watch ---------------------------------------
     async def bounded(self, work: Awaitable[T], request: Request) -> T:
