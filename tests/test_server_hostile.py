@@ -354,3 +354,16 @@ def test_sigterm_with_a_non_reading_client_exits_within_the_grace(tmp_path):
     assert not any(line.split(" ", 3)[-1].startswith("FORGED") or line.startswith("2026-12-07 00:00:00,000")
                    for line in err.splitlines()), err
     assert "\\x0a2026-12-07" in err, err.splitlines()
+
+
+@pytest.mark.parametrize("key,value", [("max_prompts_per_request", 0), ("max_tokens_per_request", 0),
+                                       ("max_logprobs_per_request", 0), ("max_stream_backlog", 0),
+                                       ("max_connections", 0), ("header_timeout_s", 0.0),
+                                       ("shutdown_grace_s", -1.0), ("shutdown_grace_s", float("nan")),
+                                       ("request_timeout_s", float("inf"))])
+def test_bad_bounds_are_one_line_config_errors(key, value):
+    from mini_engine.errors import ConfigError
+    from mini_engine.server.server_config import ServerConfig
+
+    with pytest.raises(ConfigError, match=f"server.{key} must be"):
+        ServerConfig(**{key: value})
