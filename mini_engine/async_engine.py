@@ -15,7 +15,7 @@ import math
 import queue
 import threading
 import time
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from typing import Any, AsyncIterator, Iterator, Sequence
 
 from .errors import MiniEngineError
@@ -67,6 +67,8 @@ class RequestStream:
         self._loop = loop
         self._future = future
         self._aq: asyncio.Queue | None = asyncio.Queue() if loop is not None and future is None else None
+        # Async streams: set once the engine has put the stream's last item (the request ended).
+        self.ended: asyncio.Event | None = asyncio.Event() if self._aq is not None else None
         self._q: queue.SimpleQueue | None = queue.SimpleQueue() if loop is None and future is None else None
         self.completion: Completion | None = None
         self.finished = False
@@ -82,8 +84,11 @@ class RequestStream:
         if self._future is not None:
             self._resolve(item)
         elif self._aq is not None:
+            last = item is _END or isinstance(item, BaseException) or (isinstance(item, RequestOutput) and item.finished)
             try:
                 self._loop.call_soon_threadsafe(self._aq.put_nowait, item)
+                if last:
+                    self._loop.call_soon_threadsafe(self.ended.set)
             except RuntimeError:
                 pass  # the caller's event loop is closed: nobody is listening any more
         else:
@@ -94,15 +99,18 @@ class RequestStream:
         f = self._future
         if f.done():
             return  # cancelled by its caller (its request was aborted then)
-        if isinstance(item, RequestOutput):
-            if item.finished:
-                c = item.completion
-                f.queue_ms, f.compute_ms, f.batch_size = c.queue_ms, c.total_ms - c.queue_ms, None
-                f.set_result(c)
-        elif isinstance(item, BaseException):
-            f.set_exception(item)
-        else:
-            f.set_exception(MiniEngineError(f"request {self.request_id} was aborted"))
+        try:  # its caller's timer may settle it between the check above and here
+            if isinstance(item, RequestOutput):
+                if item.finished:
+                    c = item.completion
+                    f.queue_ms, f.compute_ms, f.batch_size = c.queue_ms, c.total_ms - c.queue_ms, None
+                    f.set_result(c)
+            elif isinstance(item, BaseException):
+                f.set_exception(item)
+            else:
+                f.set_exception(MiniEngineError(f"request {self.request_id} was aborted"))
+        except InvalidStateError:
+            pass
 
     def _record(self, item: Any) -> Any:
         if isinstance(item, RequestOutput) and item.finished:
@@ -297,7 +305,7 @@ class AsyncEngine:
         stream._put(out)
         if out.finished:
             del self._streams[out.request_id]
-        elif self.max_stream_backlog is not None and stream.backlog > self.max_stream_backlog:
+        elif self.max_stream_backlog is not None and stream._future is None and stream.backlog > self.max_stream_backlog:
             self._end(out.request_id, StreamBacklogFull(
                 f"request {out.request_id}: its reader fell more than {self.max_stream_backlog} outputs behind; "
                 f"it was aborted", out.request_id))

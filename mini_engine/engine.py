@@ -182,17 +182,19 @@ class Engine:
         done: dict[str, Completion] = {}
         try:
             for i, (text, tokens) in enumerate(zip(prompts, encoded)):
-                seeded = params if params.seed is None else dataclasses.replace(params, seed=params.seed + i)
-                ids.append(self.add_request(None, tokens, seeded, text=text).request_id)
+                ids.append(self.add_request(None, tokens, params.for_prompt(i), text=text).request_id)
             mine = set(ids)
             while len(done) < len(ids):
+                failed = None
                 for out in self.step():
                     if out.request_id not in mine:
                         self._foreign.append(out)  # another caller's: its next step() returns it
                     elif out.error is not None:
-                        raise MiniEngineError(f"request {out.request_id} failed: {out.error}")
+                        failed = failed or out  # raised once the step's outputs are all filed
                     elif out.finished:
                         done[out.request_id] = out.completion
+                if failed is not None:
+                    raise MiniEngineError(f"request {failed.request_id} failed: {failed.error}")
         except BaseException:
             for rid in ids:
                 self.abort_request(rid)
@@ -248,10 +250,12 @@ class Engine:
             return earlier
         t = time.perf_counter()
         try:
-            logits, failed = self._run_isolated(plan)
+            logits, failed, told = self._run_isolated(plan)
         except BaseException:
             sched.restore_freed(plan.freed)  # the runner has not seen them
             raise
+        if not told:
+            sched.restore_freed(plan.freed)  # no run of the step succeeded with them: the next one says
         self.runner_s += time.perf_counter() - t
         self.num_steps += 1
         self.peak_kv_usage = max(self.peak_kv_usage, sched.block_manager.usage)
@@ -261,26 +265,28 @@ class Engine:
         reqs = [s.request for s in plan.seqs if s.needs_logits and s.request_id not in failed]
         return earlier + outputs + (self._postprocess_step(reqs, logits) if reqs else [])
 
-    def _run_isolated(self, plan: SchedulerOutput) -> tuple[np.ndarray | None, dict[str, Exception]]:
+    def _run_isolated(self, plan: SchedulerOutput) -> tuple[np.ndarray | None, dict[str, Exception], bool]:
         """Run the plan; if the runner raises, run each half alone (recursively) to find the rows
-        that fail by themselves. Returns the logits of the rows that ran (in plan order) and the
-        failed request ids with their exception."""
+        that fail by themselves. Returns the logits of the rows that ran (in plan order), the
+        failed request ids with their exception, and whether a run that succeeded told the runner
+        of plan.freed (a run that raises leaves the runner as it was: the next run must say it)."""
         try:
-            return self.runner.execute_paged(plan.to_step()), {}
+            return self.runner.execute_paged(plan.to_step()), {}, True
         except Exception as e:  # noqa: BLE001 - attributed to rows below, or re-raised
             if self.runner.health_problem() is not None:
                 raise
             if len(plan.seqs) == 1:
-                return None, {plan.seqs[0].request_id: e}
+                return None, {plan.seqs[0].request_id: e}, False
         half = len(plan.seqs) // 2
-        parts, failed = [], {}
-        for i, seqs in enumerate((plan.seqs[:half], plan.seqs[half:])):
-            sub = dataclasses.replace(plan, seqs=seqs, freed=plan.freed if i == 0 else [])
-            logits, f = self._run_isolated(sub)
+        parts, failed, freed = [], {}, plan.freed
+        for seqs in (plan.seqs[:half], plan.seqs[half:]):
+            logits, f, told = self._run_isolated(dataclasses.replace(plan, seqs=seqs, freed=freed))
             failed |= f
+            if told:
+                freed = []
             if logits is not None:
                 parts.append(np.array(logits))  # a copy: the runner may reuse its output buffer
-        return (np.concatenate(parts) if parts else None), failed
+        return (np.concatenate(parts) if parts else None), failed, not freed
 
     def _fail(self, req: Request, e: BaseException) -> RequestOutput:
         """End `req` on an error of its own; its KV is freed and its caller told."""
@@ -295,10 +301,14 @@ class Engine:
         """Each row's next token; rows whose sampling raises get None and their exception."""
         params = [r.params for r in reqs]
         gens = [r.generator for r in reqs]
+        states = [None if g is None else g.bit_generator.state for g in gens]
         try:
             return sample_rows(logits, params, gens, no_eos, eos), {}
         except Exception:  # noqa: BLE001 - find the row(s) at fault, one at a time
             pass
+        for g, st in zip(gens, states):  # the rows before the fault drew already: draw again the same
+            if g is not None:
+                g.bit_generator.state = st
         tokens: list[int | None] = []
         failed: dict[int, Exception] = {}
         for i in range(len(reqs)):

@@ -1,6 +1,7 @@
 """Sampling parameters and the sampler (numpy, backend-agnostic)."""
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -67,6 +68,12 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature < MIN_TEMPERATURE
+
+    def for_prompt(self, i: int) -> "SamplingParams":
+        """These params for the i-th prompt of a request: the seed offset by i (kept in range)."""
+        if self.seed is None or i == 0:
+            return self
+        return dataclasses.replace(self, seed=(self.seed + i - SEED_MIN) % 2**64 + SEED_MIN)
 
 
 def _is_int(v) -> bool:

@@ -96,7 +96,7 @@ class BatchedEngine:
         if self.front is not None:
             params = self.params if max_new_tokens is None else dataclasses.replace(self.params, max_new_tokens=max_new_tokens)
             if params.seed is not None:  # as static batching seeds its rows: seed + request index
-                params = dataclasses.replace(params, seed=params.seed + next(self._ids))
+                params = params.for_prompt(next(self._ids))
             future = RequestFuture()
             future.ttft_from_submit = True
             stream = self.front.submit(prompt, params, future=future)

@@ -39,6 +39,18 @@ class PoisonRunner(TorchRunner):
             if {NAN} in rows[r]:
                 logits[i] = np.nan
         return logits
+
+
+from mini_engine_backends.onnxruntime import OrtRunner
+
+
+class PoisonOrtRunner(OrtRunner):
+    name = "poisonort"
+
+    def _execute_paged_impl(self, step):
+        if {RAISE} in step.input_ids:
+            raise RuntimeError("poisoned row")
+        return super()._execute_paged_impl(step)
 '''
 
 
@@ -49,7 +61,8 @@ def poison_backend(tmp_path_factory):
     info = root / "poison_backend-0.1.dist-info"
     info.mkdir()
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: poison-backend\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text("[mini_engine.backends]\npoison = poison_backend:PoisonRunner\n")
+    (info / "entry_points.txt").write_text("[mini_engine.backends]\npoison = poison_backend:PoisonRunner\n"
+                                           "poisonort = poison_backend:PoisonOrtRunner\n")
     sys.path.insert(0, str(root))
     yield "poison"
     sys.path.remove(str(root))
@@ -87,6 +100,7 @@ HOSTILE = [
     # (body, status, param): the answer each gets; the server serves a normal request right after.
     ({"prompt": "hi", "temperature": 1.0, "seed": -1}, 200, None),
     ({"prompt": "hi", "temperature": 1.0, "seed": 2**63}, 400, "seed"),
+    ({"prompt": ["a", "b"], "temperature": 1.0, "seed": 2**63 - 1, "max_tokens": 2}, 200, None),
     ({"prompt": "hi", "temperature": 5e-324}, 200, None),
     ({"prompt": "a\ud800b"}, 400, "prompt"),
     ({"prompt": [[5] * 10] * 9}, 400, "prompt"),
@@ -159,6 +173,31 @@ def test_a_failing_row_fails_its_request_alone(server):
     still_serving(server.url)
     rows = [r for r in csv.DictReader(server.log_path.open()) if r["status"] == "500"]
     assert rows and all(int(r["prompt_tokens"]) > 0 and r["finish_reason"] == "error" for r in rows)
+
+
+def test_a_failed_step_still_frees_the_rows_of_finished_requests(poison_backend):
+    """onnxruntime keeps one cache row per running sequence and frees a row when a step tells it the
+    sequence ended. A step whose first rows fail must still pass that on: 8 rounds of a finished
+    request, then a failing one beside a good one, on 2 rows; no row may leak."""
+    from mini_engine import Engine
+    from mini_engine.sampling import SamplingParams
+
+    params = SamplingParams(max_new_tokens=3, ignore_eos=True)
+    with Engine.from_config(None, model="random:tiny", backend="poisonort", **{"scheduler.max_num_seqs": 2}) as e:
+        def run() -> dict:
+            ends = {}
+            while e.has_unfinished_requests():
+                for out in e.step():
+                    if out.finished:
+                        ends[out.request_id] = out.finish_reason
+            return ends
+
+        for i in range(8):
+            e.add_request(f"a{i}", [5, 6, 7], params)
+            assert run() == {f"a{i}": "length"}
+            e.add_request(f"p{i}", [8, RAISE, 9], params)  # first in the step: its half fails alone
+            e.add_request(f"b{i}", [10, 11, 12], params)
+            assert run() == {f"p{i}": "error", f"b{i}": "length"}, i
 
 
 def test_timed_out_stream_of_a_client_that_does_not_read(hf_dir, tmp_path):

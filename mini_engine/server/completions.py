@@ -7,7 +7,6 @@ This module only translates: every token comes from the one engine path.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import logging
 import time
@@ -63,8 +62,7 @@ async def create_completion(req: CompletionRequest, raw: Request, state: ServerS
     streams, tickets = [], []
     try:
         for i, (p, pid) in enumerate(zip(prompts, ids)):
-            pi = params if params.seed is None else dataclasses.replace(params, seed=params.seed + i)
-            s = state.submit(pid, pi, text=p if isinstance(p, str) else None)
+            s = state.submit(pid, params.for_prompt(i), text=p if isinstance(p, str) else None)
             streams.append(s)
             tickets.append(Ticket(s.request_id, ENDPOINT, mode, s.prompt_tokens))
     except BaseException:
@@ -75,8 +73,7 @@ async def create_completion(req: CompletionRequest, raw: Request, state: ServerS
     texts = [p if isinstance(p, str) else state.core.tokenizer.decode(p) for p in prompts] if req.echo else None
     if req.stream:
         # The response body owns the admission from here on and releases it when it ends.
-        return EventStream(_stream(req, model, streams, tickets, texts, state), state, n,
-                           [s.request_id for s in streams])
+        return EventStream(_stream(req, model, streams, tickets, texts, state), state, streams)
     try:
         results = await state.bounded(asyncio.gather(*(s.result() for s in streams)), raw)
     except ClientGone:

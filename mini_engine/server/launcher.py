@@ -228,6 +228,10 @@ def header_timeout_protocol(timeout_s: float):
                 return
             self._idle_timer = self.loop.call_later(check_every, self._check_idle)
 
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._idle_since = self.loop.time()  # a keep-alive connection's idle time starts now
+
         def connection_lost(self, exc) -> None:
             self._idle_timer.cancel()
             super().connection_lost(exc)

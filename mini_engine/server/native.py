@@ -73,7 +73,7 @@ async def generate(req: GenerateRequest, raw: Request, state: ServerState):
 
 async def generate_stream(req: GenerateRequest, raw: Request, state: ServerState):
     stream, ticket = _start(req, state, "/generate/stream", "stream")
-    return EventStream(_events(stream, ticket, state), state, 1, [stream.request_id])
+    return EventStream(_events(stream, ticket, state), state, [stream])
 
 
 async def _events(stream, ticket: Ticket, state: ServerState) -> AsyncIterator[str]:

@@ -185,27 +185,48 @@ class ServerState:
 class EventStream(StreamingResponse):
     """Server-Sent Events whose clean-up runs however the response ends, including when the
     client left before the body was ever iterated (then the generator's own `finally` never
-    runs): admission is released and unfinished engine requests are aborted."""
+    runs): admission is released and unfinished engine requests are aborted.
 
-    def __init__(self, body, state: ServerState, n: int, request_ids: list[str]):
+    Admission counts engine requests, so it is released as soon as the engine has ended all of
+    the response's requests (finished, failed, timed out, or aborted for a reader that stopped
+    reading), not when a stalled client lets the response end: a response still not done
+    STREAM_CLOSE_GRACE_S after that is cut and its connection closed."""
+
+    def __init__(self, body, state: ServerState, streams: list[RequestStream]):
         super().__init__(body, media_type="text/event-stream",
                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        self._state, self._n, self._ids = state, n, request_ids
+        self._state, self._streams = state, streams
+        self._released = False
+
+    def _release(self) -> None:
+        if not self._released:
+            self._released = True
+            self._state.release(len(self._streams))
+
+    async def _watch(self, response: asyncio.Future) -> None:
+        await asyncio.gather(*(s.ended.wait() for s in self._streams))
+        self._release()
+        await asyncio.sleep(STREAM_CLOSE_GRACE_S)
+        if not response.done():
+            log.warning("stream of %s: the client did not read its last events; connection closed",
+                        ", ".join(s.request_id for s in self._streams))
+            self._cut = True
+            response.cancel()
 
     async def __call__(self, scope, receive, send):
-        # The engine ends the request at its deadline; a client that does not read the error event
-        # then (its socket buffers are full) loses the connection a few seconds later.
-        timeout = self._state.config.request_timeout_s
+        self._cut = False
+        response = asyncio.ensure_future(super().__call__(scope, receive, send))
+        watcher = asyncio.ensure_future(self._watch(response))
         try:
-            async with asyncio.timeout(timeout + STREAM_CLOSE_GRACE_S if timeout else None):
-                await super().__call__(scope, receive, send)
-        except TimeoutError:
-            log.warning("stream of %s: the client did not read its last events; connection closed",
-                        ", ".join(self._ids))
+            await response
+        except asyncio.CancelledError:
+            if not self._cut:
+                raise  # the server's own cancellation (shutdown): let it through
         finally:
-            for rid in self._ids:
-                self._state.engine.abort(rid)  # a no-op for requests that finished
-            self._state.release(self._n)
+            watcher.cancel()
+            for s in self._streams:
+                self._state.engine.abort(s.request_id)  # a no-op for requests that ended
+            self._release()
 
 
 async def _wait_disconnect(request: Request) -> None:
